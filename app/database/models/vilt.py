@@ -1,0 +1,195 @@
+"""ViLT (Kim et al. 2021) as a live model: ``run_app.py -m vilt CHECKPOINT [DEVICE]``.
+
+``CHECKPOINT`` is a Hugging Face Hub id (``dandelin/vilt-b32-finetuned-vqa``, needs internet the
+first time) or a local directory written by ``save_pretrained`` (model and processor). The head is
+chosen from the checkpoint's ``config.architectures``:
+
+======================================  ===========================================================
+``ViltForQuestionAnswering``            prediction: top answer, sigmoid probability
+``ViltForImageAndTextRetrieval``        prediction: "match" / "no match", the raw rank logit
+``ViltForMaskedLM``                     prediction: the tokens filled in at ``[MASK]`` positions
+``ViltModel``                           no prediction
+======================================  ===========================================================
+
+Token order in a record: the text tokens of the processor's tokenizer (``[CLS] ... [SEP]``), then
+ViLT's image ``[CLS]`` (coordinate ``None``), then the image patches in row-major order.
+
+ViLT's ``ViltEmbeddings.visual_embed`` shuffles the patches (``torch.multinomial`` over the valid
+patches, and samples a subset when ``config.max_image_length`` is positive) and returns the
+``patch_index`` (row, col) of every token it kept, which ``ViltModel.forward`` then discards. So
+:meth:`Vilt.data_setup` calls ``visual_embed`` itself, passes its output to the model as
+``image_embeds`` (with its patch mask as ``pixel_mask``, which is exactly what ``ViltEmbeddings``
+does with ``image_embeds``), and uses the returned ``patch_index`` to know the real patch of every
+image token. The tokens, attention and hidden states are then permuted into row-major order.
+"""
+import os
+import threading
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    ViltForImageAndTextRetrieval,
+    ViltForMaskedLM,
+    ViltForQuestionAnswering,
+    ViltModel,
+    ViltProcessor,
+)
+
+from app.database.models.vl_model import VL_Model, same_answer
+
+HEADS = {
+    "ViltForQuestionAnswering": ViltForQuestionAnswering,
+    "ViltForImageAndTextRetrieval": ViltForImageAndTextRetrieval,
+    "ViltForMaskedLM": ViltForMaskedLM,
+    "ViltModel": ViltModel,
+}
+IMAGE_CLS = "[CLS]"
+
+
+def _checkpoint_location(model: str) -> str:
+    """A local directory as a path; anything that looks like a path but is missing is an error
+    (instead of Hugging Face's "not a valid repo id"); everything else is a Hub id."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        return path
+    first = path.split("/")[0]
+    if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or (first and os.path.isdir(first)):
+        raise FileNotFoundError(f"no checkpoint directory {model} (a folder written by save_pretrained)")
+    return model
+
+
+class Vilt(VL_Model):
+    """A ViLT checkpoint, run on one (image, text) pair at a time.
+
+    ``model``: a Hub id or a local directory with the model and its processor.
+    ``device``: a torch device string (``cpu``, ``cuda``, ``cuda:1``).
+    """
+
+    def __init__(self, model: str, device: str = "cpu"):
+        model = _checkpoint_location(model)
+        config = AutoConfig.from_pretrained(model)
+        if config.model_type != "vilt":
+            raise ValueError(f"{model} is a {config.model_type!r} checkpoint, not a ViLT one")
+        architecture = (config.architectures or ["ViltModel"])[0]
+        if architecture not in HEADS:
+            raise ValueError(f"unsupported ViLT head {architecture} (supported: {', '.join(HEADS)})")
+        self.architecture = architecture
+        self.processor = ViltProcessor.from_pretrained(model)
+        # ViLT's attention is its own eager implementation; ask for it explicitly so that a future
+        # SDPA default never silently drops the attention maps.
+        net = HEADS[architecture].from_pretrained(model, attn_implementation="eager")
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.config = net.config
+        self.vilt = net if isinstance(net, ViltModel) else net.vilt
+        self._lock = threading.Lock()  # one forward pass at a time (data_setup may run in threads)
+
+    # ------------------------------------------------------------------------------------------
+    def data_setup(self, ex_id: int, image_location: str, input_text: str, label=None) -> dict:
+        """Run ViLT on the image file and the text; return one record (see the module docstring).
+
+        ``label``: the expected answer (VQA: an answer string; retrieval: "match" / "no match";
+        MLM: the expected filled-in tokens). When given, ``accuracy`` is whether the prediction
+        equals it (case and surrounding whitespace ignored).
+        """
+        image = self.load_image(image_location)
+        inputs = self.processor(
+            images=image,
+            text=input_text,
+            return_tensors="pt",
+            truncation=True,
+            max_length=self.config.max_position_embeddings,
+        )
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        input_ids = inputs["input_ids"]
+        with self._lock, torch.no_grad():
+            image_embeds, image_mask, (patch_index, (rows, cols)) = self.vilt.embeddings.visual_embed(
+                inputs["pixel_values"], inputs["pixel_mask"], max_image_length=self.config.max_image_length
+            )
+            out = self.net(
+                input_ids=input_ids,
+                attention_mask=inputs["attention_mask"],
+                token_type_ids=inputs.get("token_type_ids"),
+                image_embeds=image_embeds,
+                pixel_mask=image_mask,
+                output_attentions=True,
+                output_hidden_states=True,
+                return_dict=True,
+            )
+        if out.attentions is None or out.hidden_states is None:
+            raise RuntimeError("the ViLT model returned no attentions / hidden states")
+
+        txt_len = int(input_ids.shape[1])
+        text_tokens = self.processor.tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
+        # patch_index: (1, n_patches, 2) as (row, col) of each image token after the image [CLS].
+        rc = patch_index[0].cpu().numpy().astype(int)
+        valid = image_mask[0, 1:].cpu().numpy().astype(bool)  # all True for one unpadded image
+        if len({(r, c) for r, c in rc[valid]}) != int(valid.sum()):
+            raise RuntimeError("ViLT's visual embedding returned a patch twice")
+        order = sorted(np.flatnonzero(valid), key=lambda i: (rc[i, 0], rc[i, 1]))
+        # indices into the model's sequence: text, image [CLS], then the kept patches row-major
+        perm = np.concatenate([np.arange(txt_len), [txt_len], txt_len + 1 + np.asarray(order, dtype=int)])
+        perm = perm.astype(int)
+
+        attention = torch.stack([a[0] for a in out.attentions]).float().cpu().numpy()  # (L, H, n, n)
+        hidden = torch.stack([h[0] for h in out.hidden_states]).float().cpu().numpy()  # (L+1, n, d)
+        attention = attention[:, :, perm][:, :, :, perm]
+        hidden = hidden[:, perm]
+        if not valid.all():  # padding patches were dropped: renormalise over the kept keys
+            attention = attention / attention.sum(-1, keepdims=True)
+
+        coords = [(int(rc[i, 1]), int(rc[i, 0])) for i in order]  # (x, y) = (col, row)
+        patch_tokens = [f"IMG_{x},{y}" for x, y in coords]
+        record = {
+            "ex_id": int(ex_id),
+            "image": self._seen_image(inputs, int(rows), int(cols)),
+            "tokens": list(text_tokens) + [IMAGE_CLS] + patch_tokens,
+            "txt_len": txt_len,
+            "img_coords": [None] + coords,
+            "attention": np.ascontiguousarray(attention, dtype=np.float32),
+            "hidden_states": np.ascontiguousarray(hidden, dtype=np.float32),
+            "text": input_text,
+        }
+        prediction = self._prediction(out, input_ids[0])
+        if prediction is not None:
+            prediction["label"] = None if label is None else str(label)
+            record["prediction"] = prediction
+            if label is not None:
+                record["accuracy"] = same_answer(prediction["answer"], label)
+        return record
+
+    # ------------------------------------------------------------------------------------------
+    def _seen_image(self, inputs, rows: int, cols: int) -> np.ndarray:
+        """The processor's output, de-normalised to 0-255 RGB and cut to the patch grid."""
+        ip = self.processor.image_processor
+        pixels = inputs["pixel_values"][0].float().cpu().numpy()  # (3, H, W)
+        if getattr(ip, "do_normalize", False):
+            mean = np.asarray(ip.image_mean, dtype=np.float32).reshape(-1, 1, 1)
+            std = np.asarray(ip.image_std, dtype=np.float32).reshape(-1, 1, 1)
+            pixels = pixels * std + mean
+        if getattr(ip, "do_rescale", False):
+            pixels = pixels / ip.rescale_factor
+        ph, pw = self.vilt.embeddings.patch_embeddings.projection.weight.shape[-2:]
+        pixels = pixels[:, : rows * ph, : cols * pw]
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
+
+    def _prediction(self, out, input_ids):
+        if self.architecture == "ViltForQuestionAnswering":
+            probs = torch.sigmoid(out.logits[0].float())
+            idx = int(probs.argmax())
+            answer = self.config.id2label.get(idx, str(idx))
+            return {"answer": str(answer), "score": float(probs[idx])}
+        if self.architecture == "ViltForImageAndTextRetrieval":
+            score = float(out.logits[0, 0])
+            return {"answer": "match" if score > 0 else "no match", "score": score}
+        if self.architecture == "ViltForMaskedLM":
+            mask_id = self.processor.tokenizer.mask_token_id
+            positions = (input_ids == mask_id).nonzero().flatten().tolist() if mask_id is not None else []
+            if not positions:
+                return None
+            probs = out.logits[0, positions].float().softmax(-1)
+            best, ids = probs.max(-1)
+            words = self.processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+            return {"answer": " ".join(words), "score": float(best.prod())}
+        return None

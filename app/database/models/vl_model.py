@@ -1,0 +1,111 @@
+"""The interface every live model implements, and the image loader they share.
+
+A live model turns one (image, text) pair into one record in the database format
+(docs/ARCHITECTURE.md, "The record"). The app and the batch extractor call
+:meth:`VL_Model.data_setup`; whatever it returns is validated by ``VliLmdb.add_record`` before
+anything is written, exactly like a record pickled by a user script.
+
+Writing your own model (see docs/models.md)::
+
+    # app/database/models/my_model.py   ->   run_app.py -m my_model ARG ...
+    from app.database.models.vl_model import VL_Model
+
+    class My_Model(VL_Model):          # the class name is the module name, str.title()'d
+        def __init__(self, checkpoint):  # run_app.py passes the arguments after the name as strings
+            ...
+        def data_setup(self, ex_id, image_location, input_text):
+            image = self.load_image(image_location)   # (H, W, 3) uint8
+            ...
+            return {"ex_id": ex_id, "image": image, "tokens": [...], "txt_len": ...,
+                    "img_coords": [...], "attention": ..., "hidden_states": ...}
+"""
+import abc
+import inspect
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read; the message names the path."""
+
+
+def load_image(path) -> np.ndarray:
+    """Read the image at ``path`` as an ``(H, W, 3)`` uint8 RGB array.
+
+    Any format Pillow reads is accepted; palette, grey, 16-bit and alpha images are converted to
+    RGB (alpha is dropped). Raises :class:`ImageLoadError` naming the path when the file is
+    missing, not an image, truncated, or too large for Pillow's decompression-bomb limit.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except FileNotFoundError:
+        raise ImageLoadError(f"image not found: {path}") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"not an image Pillow can read: {path}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"cannot read image {path}: {e}") from None
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+class VL_Model(abc.ABC):  # noqa: N801 - the name users' existing classes subclass
+    """A vision-language model that can be run live on new (image, text) pairs."""
+
+    @abc.abstractmethod
+    def data_setup(self, ex_id: int, image_location: str, input_text: str) -> dict:
+        """Run the model on one pair and return one record in the database format.
+
+        ``ex_id``: the id the record will be stored under (put it in ``record["ex_id"]``).
+        ``image_location``: a local file path (uploads are saved to a temporary file first).
+        ``input_text``: the question / caption as typed.
+
+        The record needs ``ex_id, image, tokens, txt_len, img_coords, attention
+        (n_layers, n_heads, n, n), hidden_states (n_layers + 1, n, hidden)`` and may add
+        ``accuracy``, ``prediction``, ``custom_metrics`` and ``text``.
+        """
+
+    @staticmethod
+    def load_image(path) -> np.ndarray:
+        """:func:`load_image`, for use as ``self.load_image(path)`` in subclasses."""
+        return load_image(path)
+
+
+def _accepts_label(method) -> bool:
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "label" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def run_data_setup(model: VL_Model, ex_id: int, image_location: str, input_text: str, label=None) -> dict:
+    """Call ``model.data_setup`` the way the app and the extractor do.
+
+    ``label`` (the expected answer) is passed as a keyword only to models whose ``data_setup``
+    accepts ``label`` (or ``**kwargs``), like :class:`~app.database.models.vilt.Vilt`. For other
+    models, when the record has a ``prediction`` and no ``accuracy``, the label is filled into
+    ``prediction["label"]`` and ``accuracy`` is ``answer == label`` (case and surrounding
+    whitespace ignored). ``record["ex_id"]`` is set to ``ex_id``. The record is *not* validated
+    here: ``VliLmdb.add_record`` does that.
+    """
+    if label is not None and _accepts_label(model.data_setup):
+        record = model.data_setup(ex_id, image_location, input_text, label=label)
+    else:
+        record = model.data_setup(ex_id, image_location, input_text)
+    if not isinstance(record, dict):
+        raise TypeError(f"{type(model).__name__}.data_setup returned {type(record).__name__}, not a dict")
+    record["ex_id"] = int(ex_id)
+    prediction = record.get("prediction")
+    if label is not None and isinstance(prediction, dict) and record.get("accuracy") is None:
+        if prediction.get("label") is None:
+            prediction["label"] = str(label)
+        if isinstance(prediction.get("answer"), str):
+            record["accuracy"] = same_answer(prediction["answer"], label)
+    return record
+
+
+def same_answer(answer, label) -> bool:
+    """``answer == label``, ignoring case and surrounding / repeated whitespace."""
+    return " ".join(str(answer).split()).lower() == " ".join(str(label).split()).lower()

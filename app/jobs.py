@@ -1,0 +1,135 @@
+"""Background jobs for "Add example": run the live model on a new pair and store the result.
+
+Why threads and not Dash background callbacks: a background callback runs in a separate worker
+process (diskcache / Celery manager), which would have to load the model again, and the model is
+the expensive part (seconds and gigabytes). The model is loaded once, in the server process, and a
+small :class:`~concurrent.futures.ThreadPoolExecutor` runs jobs next to the request threads.
+PyTorch releases the GIL during the forward pass, so the page keeps answering meanwhile; reads go
+through the database's own short read transactions and are unaffected by the write.
+
+A job: reserve an id (``db.reserve_example_id()``, atomic, so concurrent adds get distinct ids),
+run ``model.data_setup`` ("running the model…"), then ``db.add_record`` ("preprocessing…"), which
+validates the record before writing anything. Any exception (the image is unreadable, the model
+raises, the record is invalid) ends the job in state "error" with a one-line message, and the
+database is unchanged. The page polls :meth:`JobRunner.status` with a ``dcc.Interval``.
+
+Jobs live in the memory of the server process that ran them: with a live model, serve the app from
+one process (``run_app.py``, or ``gunicorn -w 1 --threads 8``); the database itself is safe to write
+from several processes (LMDB's write lock; ``reserve_example_id`` is atomic).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from app.database.models.vl_model import run_data_setup
+
+log = logging.getLogger(__name__)
+
+QUEUED = "queued"
+RUNNING = "running the model…"
+PREPROCESSING = "preprocessing…"
+DONE = "done"
+ERROR = "error"
+FINISHED = (DONE, ERROR)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class JobRunner:
+    """Runs live adds in 1-2 worker threads; see the module docstring.
+
+    ``db``: a writable ``VliLmdb`` (``reserve_example_id``, ``add_record``).
+    ``model``: a ``VL_Model``.
+    ``keep``: how many finished jobs to remember for :meth:`status`.
+    """
+
+    def __init__(self, db, model, workers: int = 1, keep: int = 200):
+        if not 1 <= workers <= 2:
+            raise ValueError("workers must be 1 or 2 (the model runs in this process)")
+        self.db = db
+        self.model = model
+        self.keep = keep
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vli-add")
+        self._lock = threading.Lock()
+        self._jobs: dict[str, dict] = {}
+        self._counter = itertools.count(1)
+        self._done_events: dict[str, threading.Event] = {}
+
+    # ------------------------------------------------------------------------------------------
+    def submit(self, image_path: str, text: str, label: str | None = None, delete_image: bool = False) -> str:
+        """Queue a job and return its id. ``delete_image``: remove the file when the job ends."""
+        job_id = f"job-{next(self._counter)}-{uuid.uuid4().hex[:12]}"
+        with self._lock:
+            self._jobs[job_id] = {"state": QUEUED, "message": "waiting for the model…", "ex_id": None,
+                                  "submitted": time.time()}
+            self._done_events[job_id] = threading.Event()
+            self._forget_old()
+        self._pool.submit(self._run, job_id, image_path, text, label, delete_image)
+        return job_id
+
+    def status(self, job_id: str) -> dict:
+        """``{"state", "message", "ex_id"}``; an unknown id is an "error" state."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return {"state": ERROR, "ex_id": None, "message": (
+                    f"unknown job {job_id!r}: it was started by another server process (with a live "
+                    "model, run one process: gunicorn -w 1 --threads 8) or forgotten")}
+            return {"state": job["state"], "message": job["message"], "ex_id": job["ex_id"]}
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict:
+        """Block until the job ends (or ``timeout`` seconds) and return its status."""
+        event = self._done_events.get(job_id)
+        if event is not None:
+            event.wait(timeout)
+        return self.status(job_id)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------------------
+    def _set(self, job_id: str, state: str, message: str, ex_id=None) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                job.update(state=state, message=message, ex_id=ex_id)
+                if state in FINISHED:
+                    job["finished"] = time.time()
+
+    def _run(self, job_id, image_path, text, label, delete_image) -> None:
+        ex_id = None
+        try:
+            ex_id = int(self.db.reserve_example_id())
+            self._set(job_id, RUNNING, f"running the model on example {ex_id}…", ex_id)
+            record = run_data_setup(self.model, ex_id, image_path, text, label=label)
+            self._set(job_id, PREPROCESSING, f"preprocessing example {ex_id}…", ex_id)
+            stored = self.db.add_record(record)
+            stored = ex_id if stored is None else int(stored)
+            self._set(job_id, DONE, f"example {stored} added", stored)
+        except Exception as error:  # noqa: BLE001 - every failure is reported to the page
+            log.warning("add example failed: %s", error, exc_info=True)
+            self._set(job_id, ERROR, _one_line(error), None)
+        finally:
+            if delete_image:
+                try:
+                    os.unlink(image_path)
+                except OSError:
+                    pass
+            event = self._done_events.get(job_id)
+            if event is not None:
+                event.set()
+
+    def _forget_old(self) -> None:
+        finished = [j for j, job in self._jobs.items() if job["state"] in FINISHED]
+        for j in finished[: max(0, len(finished) - self.keep)]:
+            self._jobs.pop(j, None)
+            self._done_events.pop(j, None)

@@ -1,0 +1,276 @@
+"""Live adds: the job runner, the "Add example" panel's checks, and the panel in headless Chromium."""
+import base64
+import io
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import ids
+from app.context import AppContext
+from app.database.database import VliLmdb
+from app.database.models import VL_Model, load_model
+from app.jobs import DONE, ERROR, PREPROCESSING, QUEUED, RUNNING, JobRunner
+from app.panels import add_example
+from app.panels.add_example import InputError, MAX_BYTES, check_image_bytes, decode_upload, start_job
+from conftest import browser_available
+from helpers import fast_tsne  # noqa: F401 (autouse fixture: t-SNE is A's, tested there)
+from tiny_vilt import build_tiny_vilt
+
+QUESTION = "what color is the circle ?"
+
+
+@pytest.fixture(scope="module")
+def vilt(tmp_path_factory):
+    return load_model("vilt", [build_tiny_vilt(tmp_path_factory.mktemp("tiny-vqa"))], progress=False)
+
+
+def png_bytes(size=(80, 50), fmt="PNG", seed=0):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "pair.png"
+    path.write_bytes(png_bytes())
+    return str(path)
+
+
+@pytest.fixture
+def db(tmp_path, vilt, image_file):
+    """A writable database holding one example made by the tiny ViLT (example 0)."""
+    db = VliLmdb(tmp_path / "db", read_only=False)
+    db.add_record(vilt.data_setup(0, image_file, QUESTION))
+    yield db
+    db.close()
+
+
+def snapshot(db):
+    return db.example_ids(), db.pending_keys(), db.n_layers
+
+
+class Gate(VL_Model):
+    """Wraps a model: every call waits until both workers are inside, then until ``release``."""
+
+    def __init__(self, inner, parties=2):
+        self.inner = inner
+        self.barrier = threading.Barrier(parties, timeout=60)
+        self.release = threading.Event()
+
+    def data_setup(self, ex_id, image_location, input_text, label=None):
+        self.barrier.wait()
+        assert self.release.wait(60)
+        return self.inner.data_setup(ex_id, image_location, input_text, label=label)
+
+
+class Raises(VL_Model):
+    def data_setup(self, ex_id, image_location, input_text):
+        raise RuntimeError("CUDA out of memory\n(pretend)")
+
+
+class BadRecord(VL_Model):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def data_setup(self, ex_id, image_location, input_text):
+        record = self.inner.data_setup(ex_id, image_location, input_text)
+        record["attention"] = record["attention"][:, :, :-1]  # one key short
+        return record
+
+
+# --------------------------------------------------------------------------------------------- jobs
+def test_two_concurrent_adds_get_distinct_ids_and_reads_keep_working(db, vilt, image_file):
+    gate = Gate(vilt)
+    runner = JobRunner(db, gate, workers=2)
+    try:
+        a = runner.submit(image_file, QUESTION, label="red")
+        b = runner.submit(image_file, "what shape is left ?")
+        deadline = time.time() + 60
+        while not all(runner.status(j)["state"] == RUNNING for j in (a, b)):  # both inside the model
+            assert time.time() < deadline, (runner.status(a), runner.status(b))
+            time.sleep(0.02)
+        assert db.example_ids() == [0] and db.example(0).text == QUESTION  # reads meanwhile
+        assert len(db.attention(0, 1, None, [1])) == len(db.example(0).tokens)
+        gate.release.set()
+        sa, sb = runner.wait(a, 120), runner.wait(b, 120)
+    finally:
+        gate.release.set()
+        runner.shutdown()
+    assert sa["state"] == DONE and sb["state"] == DONE, (sa, sb)
+    assert sa["ex_id"] != sb["ex_id"] and {sa["ex_id"], sb["ex_id"]} == {1, 2}
+    assert db.example_ids() == [0, 1, 2]
+    assert db.example(sa["ex_id"]).prediction["label"] == "red" and db.example(sb["ex_id"]).text.startswith("what shape")
+    assert os.path.exists(image_file)  # delete_image was not asked for
+
+
+@pytest.mark.parametrize("model, message", [
+    (Raises(), "RuntimeError: CUDA out of memory (pretend)"),
+    ("bad-record", "field 'attention': expected shape"),
+])
+def test_a_failing_add_leaves_the_database_unchanged(db, vilt, tmp_path, model, message):
+    if model == "bad-record":
+        model = BadRecord(vilt)
+    before = snapshot(db)
+    temp = tmp_path / "upload.png"
+    temp.write_bytes(png_bytes())
+    runner = JobRunner(db, model)
+    try:
+        status = runner.wait(runner.submit(str(temp), QUESTION, delete_image=True), 120)
+    finally:
+        runner.shutdown()
+    assert status["state"] == ERROR and message in status["message"] and "\n" not in status["message"]
+    assert status["ex_id"] is None
+    assert snapshot(db) == before
+    assert not temp.exists()  # the temporary upload is removed either way
+
+
+def test_job_states(db, vilt, image_file):
+    seen = []
+
+    class Watching(VL_Model):
+        def data_setup(self, ex_id, image_location, input_text):
+            seen.append(runner.status(job)["state"])
+            return vilt.data_setup(ex_id, image_location, input_text)
+
+    runner = JobRunner(db, Watching())
+    block = threading.Event()
+    runner._pool.submit(block.wait)  # occupy the worker so the job is seen queued
+    try:
+        job = runner.submit(image_file, QUESTION)
+        assert runner.status(job)["state"] == QUEUED
+        block.set()
+        final = runner.wait(job, 120)
+    finally:
+        block.set()
+        runner.shutdown()
+    assert seen == [RUNNING] and final == {"state": DONE, "message": "example 1 added", "ex_id": 1}
+    unknown = runner.status("job-999")
+    assert unknown["state"] == ERROR and "another server process" in unknown["message"]
+    assert PREPROCESSING == "preprocessing…"
+
+
+# --------------------------------------------------------------------------------------------- panel checks
+def test_check_image_bytes():
+    assert check_image_bytes(png_bytes()) == ".png"
+    assert check_image_bytes(png_bytes(fmt="JPEG")) == ".jpg"
+    cases = [(png_bytes(fmt="GIF"), "a GIF image; only PNG and JPEG"), (b"hello", "not a PNG or JPEG"),
+             (b"", "is empty"), (png_bytes()[:40], "not a PNG or JPEG"),
+             (b"\x89PNG" + b"\0" * MAX_BYTES, "the limit is 10 MB")]
+    for data, message in cases:
+        with pytest.raises(InputError, match=message):
+            check_image_bytes(data, "x.png")
+
+
+def test_start_job_checks(tmp_path):
+    class Jobs:
+        def __init__(self):
+            self.calls = []
+
+        def submit(self, path, text, label, delete_image=False):
+            self.calls.append((path, text, label, delete_image, open(path, "rb").read()))
+            return "job-1"
+
+    jobs = Jobs()
+    upload = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    assert start_job(jobs, False, upload, "cat.png", "  what ? ", "  ") == "job-1"
+    path, text, label, delete, data = jobs.calls[0]
+    assert (text, label, delete, data) == ("what ?", None, True, png_bytes()) and path.endswith(".png")
+    os.unlink(path)
+    on_disk = tmp_path / "server.jpg"
+    on_disk.write_bytes(png_bytes(fmt="JPEG"))
+    for args, message in [
+        ((upload, "a.png", "", None), "type a question"),
+        ((None, None, "q", None), "drop or choose an image"),
+        (("data:image/png;base64,@@@", "a.png", "q", None), "a.png could not be read"),
+        ((None, None, "q", None, str(on_disk)), "paths and URLs are not accepted"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            start_job(jobs, False, *args)
+    assert start_job(jobs, True, None, None, "q", "red", str(on_disk)) == "job-1"
+    assert jobs.calls[-1][2] == "red" and jobs.calls[-1][0].endswith(".jpg")
+    os.unlink(jobs.calls[-1][0])
+    for location, message in [("file:///etc/passwd", "only local paths and http"),
+                              (str(tmp_path / "none.png"), "no such file")]:
+        with pytest.raises(InputError, match=message):
+            start_job(jobs, True, None, None, "q", None, location)
+    with pytest.raises(InputError):
+        decode_upload("no comma here", None)
+
+
+def component_ids(component):
+    found = set()
+    if getattr(component, "id", None) is not None:
+        found.add(component.id)
+    children = getattr(component, "children", None)
+    for child in children if isinstance(children, (list, tuple)) else [children]:
+        if hasattr(child, "to_plotly_json"):
+            found |= component_ids(child)
+    return found
+
+
+def test_path_field_only_with_allow_paths(db, vilt):
+    without = component_ids(add_example.layout(AppContext(db=db, model=vilt)))
+    assert ids.ADD_UPLOAD in without and ids.ADD_TEXT in without and ids.ADD_PATH not in without
+    assert ids.ADD_PATH in component_ids(add_example.layout(AppContext(db=db, model=vilt, allow_paths=True)))
+
+
+# --------------------------------------------------------------------------------------------- browser
+@pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver")
+def test_add_example_in_the_browser(dash_duo, db, vilt, tmp_path, request):
+    from app.server import create_app
+
+    app = create_app(db, model=vilt)
+    request.addfinalizer(app.vli_context.jobs.shutdown)
+    dash_duo.start_server(app)
+    dash_duo.wait_for_element("#" + ids.ADD_UPLOAD, timeout=15)
+    assert not dash_duo.find_elements("#" + ids.ADD_PATH)  # no --allow-paths
+
+    # Not an image (whatever its name says): refused with a message, nothing added.
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image at all")
+    file_input = dash_duo.find_element(f"#{ids.ADD_UPLOAD} input[type=file]")
+    file_input.send_keys(str(fake))
+    dash_duo.wait_for_contains_text("#" + ids.ADD_FILE_INFO, "not a PNG or JPEG", timeout=10)
+    dash_duo.find_element("#" + ids.ADD_TEXT).send_keys(QUESTION)
+    dash_duo.find_element("#" + ids.ADD_SUBMIT).click()
+    dash_duo.wait_for_contains_text("#" + ids.ADD_STATUS, "not a PNG or JPEG", timeout=10)
+    assert db.example_ids() == [0]
+
+    # A real image: the job runs, the new example is selected and shown.
+    real = tmp_path / "real.png"
+    real.write_bytes(png_bytes(seed=3))
+    dash_duo.find_element(f"#{ids.ADD_UPLOAD} input[type=file]").send_keys(str(real))
+    dash_duo.wait_for_contains_text("#" + ids.ADD_FILE_INFO, "real.png", timeout=10)
+    dash_duo.find_element("#" + ids.ADD_LABEL).send_keys("red")
+    dash_duo.find_element("#" + ids.ADD_SUBMIT).click()
+    dash_duo.wait_for_contains_text("#" + ids.ADD_STATUS, "Example 1 added.", timeout=60)
+    assert db.example_ids() == [0, 1]
+    dash_duo.wait_for_contains_text("#" + ids.EXAMPLE_SELECT, "Example 1", timeout=10)
+    dash_duo.wait_for_contains_text("#" + ids.PREDICTION, "label: red", timeout=10)
+    assert not dash_duo.find_element("#" + ids.ADD_SUBMIT).get_attribute("disabled")
+
+    # Its attention overlay: click the text token "circle" (index 5) and read the heatmap.
+    token = f'[id=\'{{"index":5,"type":"{ids.TOKEN}"}}\']'
+    dash_duo.wait_for_text_to_equal(token, "circle", timeout=10)
+    dash_duo.find_element(token).click()
+    script = (f"const gd = document.getElementById('{ids.IMAGE_GRAPH}').querySelector('.js-plotly-plot');"
+              "const z = gd && gd._fullData && gd._fullData[0] && gd._fullData[0].z;"
+              "return z ? Array.from(z, r => Array.from(r, v => (v === null || isNaN(v)) ? null : v)) : null;")
+    info = db.example(1)
+    expected = db.attention(1, db.n_layers - 1, None, [5])[info.txt_len + 1:]  # patches, row-major
+    deadline, z = time.time() + 15, None
+    while time.time() < deadline:  # until the overlay shows this token's attention
+        z = dash_duo.driver.execute_script(script)
+        z = None if z is None else np.array(z, dtype=float)
+        if z is not None and z.size == expected.size and np.allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6):
+            break
+        time.sleep(0.1)
+    assert z is not None and z.shape == info.grid == (4, 6)
+    np.testing.assert_allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6)
+    assert dash_duo.get_logs() == []

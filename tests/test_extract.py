@@ -1,0 +1,148 @@
+"""Batch extraction (python -m app.database.extract): bad lines, resumption, the command line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.database import extract as extract_mod
+from app.database.database import VliLmdb
+from app.database.extract import PairError, main, parse_pair
+from helpers import fast_tsne  # noqa: F401 (autouse fixture: t-SNE is A's, tested there)
+from tiny_vilt import build_tiny_vilt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_tiny_vilt(tmp_path_factory.mktemp("tiny-vqa"))
+
+
+def write_pairs(folder, lines):
+    """Images 0..3 in folder/img/, then the pairs file with the given lines (dicts or raw strings)."""
+    (folder / "img").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 64, 3), dtype=np.uint8)).save(folder / "img" / f"{i}.png")
+    (folder / "img" / "broken.png").write_text("this is not a PNG")
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+GOOD = [
+    {"image": "img/0.png", "text": "what color is the circle ?", "label": "red"},
+    {"image": "img/1.png", "text": "how many squares are there ?"},
+]
+MIXED = GOOD + [
+    "{not json",
+    {"image": "img/broken.png", "text": "what shape is left ?"},
+    {"image": "img/2.png"},
+    "",
+    {"image": "img/3.png", "text": "what shape is right ?", "label": "square"},
+]
+
+
+def read_db(path):
+    db = VliLmdb(path)
+    try:
+        return {i: db.example(i) for i in db.example_ids()}
+    finally:
+        db.close()
+
+
+def test_parse_pair(tmp_path):
+    assert parse_pair('{"image": "a/b.png", "text": "hi"}', str(tmp_path)) == {
+        "image": str(tmp_path / "a" / "b.png"), "text": "hi", "label": None}
+    assert parse_pair('{"image": "/abs/x.jpg", "text": "hi", "label": 3}', "/base")["label"] == "3"
+    for line, message in [("[1, 2]", "expected a JSON object"), ("{", "invalid JSON"),
+                          ('{"image": "x.png"}', "'text'"), ('{"text": "t", "image": ""}', "'image'"),
+                          ('{"image": "x", "text": "t", "label": [1]}', "'label'")]:
+        with pytest.raises(PairError, match=message):
+            parse_pair(line, "/base")
+
+
+def test_bad_lines_are_reported_and_skipped(ckpt, tmp_path, capsys):
+    pairs = write_pairs(tmp_path, MIXED)
+    out = tmp_path / "db"
+    rc = main(["-m", "vilt", ckpt, "--pairs", str(pairs), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "3 added, 0 already in the database, 3 failed" in err
+    assert "line 3: invalid JSON" in err
+    assert "line 4: not an image Pillow can read:" in err and "broken.png" in err
+    assert "line 5: missing or empty field 'text'" in err
+    examples = read_db(out)
+    assert sorted(examples) == [0, 1, 6]  # example id = line number - 1 on a new database
+    assert examples[0].text == "what color is the circle ?" and examples[0].prediction["label"] == "red"
+    assert examples[0].accuracy is not None and examples[1].accuracy is None
+    assert examples[6].grid == (4, 4)  # 64 x 64 image: 4 x 4 patches of 16 px
+
+
+def test_resume_after_interruption(ckpt, tmp_path, monkeypatch, capsys):
+    pairs = write_pairs(tmp_path, GOOD + [{"image": "img/2.png", "text": "what shape is left ?"},
+                                          {"image": "img/3.png", "text": "what shape is right ?"}])
+    out = tmp_path / "db"
+    seen = []
+    real = extract_mod.run_data_setup
+
+    def interrupted(model, ex_id, image, text, label=None):
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        seen.append(ex_id)
+        return real(model, ex_id, image, text, label=label)
+
+    monkeypatch.setattr(extract_mod, "run_data_setup", interrupted)
+    args = ["-m", "vilt", ckpt, "--pairs", str(pairs), "--out", str(out), "--no-progress"]
+    assert main(args) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert sorted(read_db(out)) == [0, 1]
+
+    monkeypatch.setattr(extract_mod, "run_data_setup", real)
+    assert main(args) == 0
+    assert "2 added, 2 already in the database, 0 failed" in capsys.readouterr().err
+    examples = read_db(out)
+    assert sorted(examples) == [0, 1, 2, 3]
+    assert examples[3].text == "what shape is right ?"
+    assert main(args) == 0  # nothing left to do, nothing duplicated
+    assert sorted(read_db(out)) == [0, 1, 2, 3]
+
+
+def test_second_pairs_file_continues_after_existing_ids(ckpt, tmp_path, capsys):
+    first = write_pairs(tmp_path, GOOD)
+    other = tmp_path / "more"
+    other.mkdir()
+    second = write_pairs(other, GOOD[:1])
+    out = str(tmp_path / "db")
+    assert main(["-m", "vilt", ckpt, "--pairs", str(first), "--out", out, "--no-progress"]) == 0
+    assert main(["-m", "vilt", ckpt, "--pairs", str(second), "--out", out, "--no-progress"]) == 0
+    assert sorted(read_db(out)) == [0, 1, 2]
+    # an explicit --first-id that disagrees with the remembered one is refused
+    assert main(["-m", "vilt", ckpt, "--pairs", str(second), "--out", out, "--first-id", "9",
+                 "--no-progress"]) == 2
+    assert "--first-id 9 disagrees" in capsys.readouterr().err
+
+
+def test_model_and_argument_errors_exit_2(tmp_path, capsys):
+    pairs = write_pairs(tmp_path, GOOD)
+    assert main(["-m", "nosuchmodel", "--pairs", str(pairs), "--out", str(tmp_path / "db")]) == 2
+    assert "no model module app/database/models/nosuchmodel.py" in capsys.readouterr().err
+    assert main(["-m", "vilt", "x", "--pairs", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "db")]) == 2
+    assert "pairs file not found" in capsys.readouterr().err
+
+
+def test_command_line_as_documented(ckpt, tmp_path):
+    """The real command (real t-SNE too), as docs/models.md gives it."""
+    pairs = write_pairs(tmp_path, GOOD[:1])
+    out = tmp_path / "db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.database.extract", "-m", "vilt", ckpt, "cpu", "--pairs", str(pairs),
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 added, 0 already in the database, 0 failed" in proc.stderr
+    assert "extracting" in proc.stderr  # the tqdm bar
+    assert sorted(read_db(out)) == [0]
