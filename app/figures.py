@@ -1,0 +1,341 @@
+"""Pure figure functions: arrays in, ``plotly.graph_objects.Figure`` (or small dicts) out.
+
+Nothing here knows about Dash callbacks or the database; the panels read the slices they need
+and hand plain arrays to these functions, which the tests call directly.
+
+Conventions: attention vectors are ``(n_tokens,)`` float arrays over the example's tokens in stored
+order (text, image special tokens, patches); patch coordinates are ``(x, y)`` grid cells with
+``(0, 0)`` the top-left patch and ``grid = (rows, cols)``.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+TEMPLATE = {"layout": {}}  # no plotly.py template: plotly.js defaults, tiny payloads
+FONT = dict(family="Inter, system-ui, -apple-system, 'Segoe UI', sans-serif", size=12, color="#222")
+ATTENTION_SCALE = "Viridis"
+# Explicit scales: plotly.js's named "Blues"/"RdBu" differ from plotly.py's.
+STAT_SCALE = [[0.0, "#f7fbff"], [0.25, "#c6dbef"], [0.5, "#6baed6"], [0.75, "#2171b5"], [1.0, "#08306b"]]
+DIVERGING_SCALE = [[0.0, "#2166ac"], [0.25, "#92c5de"], [0.5, "#f7f7f7"], [0.75, "#f4a582"], [1.0, "#b2182b"]]
+TEXT_COLOR = "#1f77b4"
+IMAGE_COLOR = "#e8710a"
+SPECIAL_COLOR = "#a0a0a0"
+SELECT_COLOR = "#d62728"
+NEIGHBOR_COLOR = "#111111"
+
+
+def _layout(**kw) -> dict:
+    base = dict(template=TEMPLATE, font=FONT, margin=dict(l=40, r=10, t=36, b=30),
+                paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)")
+    base.update(kw)
+    return base
+
+
+def figure(data: list, layout: dict) -> go.Figure:
+    """A Figure from plain dicts, without plotly.py's validation (which costs 50-100 ms a figure).
+    Arrays must already be typed-array specs or lists (see :func:`typed_array`)."""
+    return go.Figure({"data": data, "layout": layout}, _validate=False)
+
+
+def typed_array(arr: np.ndarray, dtype=np.float32) -> dict:
+    """Plotly's typed-array spec (base64, float32 by default): smaller and faster than lists, for
+    figures and ``dash.Patch`` values. NaN survives (it shows as a gap). Not for ``customdata`` that
+    callbacks read: dcc.Graph leaves typed-array customdata out of click/hover/selection data."""
+    a = np.ascontiguousarray(arr, dtype=dtype)
+    code = {np.dtype(np.float32): "f4", np.dtype(np.int32): "i4"}[a.dtype]
+    spec = {"dtype": code, "bdata": base64.b64encode(a.tobytes()).decode("ascii")}
+    if a.ndim > 1:
+        spec["shape"] = ", ".join(str(s) for s in a.shape)
+    return spec
+
+
+def token_labels(tokens: Sequence[str], coords: Sequence) -> list[str]:
+    """Display label per token: the token itself, or ``patch (x, y)`` for an image patch."""
+    return [tok if c is None else f"patch ({c[0]}, {c[1]})" for tok, c in zip(tokens, coords)]
+
+
+# ----------------------------------------------------------------------------- head summary
+
+def zscore(values: np.ndarray) -> np.ndarray:
+    """Z-score over every finite entry (all heads of all layers of one example); NaN stays NaN.
+    A constant matrix gives zeros."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    if not finite.any():
+        return v.astype(np.float32)
+    mu = v[finite].mean()
+    sd = v[finite].std()
+    out = (v - mu) / sd if sd > 0 else np.where(finite, 0.0, np.nan)
+    return out.astype(np.float32)
+
+
+def layer_means(values: np.ndarray) -> np.ndarray:
+    """Mean over the heads of each layer, ignoring NaN; all-NaN layers give NaN. ``(L, H) -> (L,)``."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    counts = finite.sum(axis=1)
+    sums = np.where(finite, v, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
+
+
+def _hover_grid(values: np.ndarray, heads: Sequence[str], name: str) -> list[list[str]]:
+    out = []
+    for layer, row in enumerate(values):
+        out.append([f"Layer {layer + 1}, {h}<br>{name}: " + ("n/a" if not np.isfinite(v) else f"{v:.4g}")
+                    for h, v in zip(heads, row)])
+    return out
+
+
+def head_selection_shape(layer: int, head: Optional[int], n_heads: int) -> dict:
+    """Rectangle marking the selected cell: a head ``(layer, head)`` or the layer mean (``head=None``)."""
+    x = n_heads + 1 if head is None else head  # the mean column sits one empty column right of the heads
+    return dict(type="rect", xref="x", yref="y", x0=x - 0.5, x1=x + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                line=dict(color=SELECT_COLOR, width=3), fillcolor="rgba(0,0,0,0)")
+
+
+def head_summary_figure(values: np.ndarray, name: str, z_scored: bool = False,
+                        selected: Optional[tuple[int, Optional[int]]] = None) -> go.Figure:
+    """Layers x heads heatmap of one statistic plus a separated "mean" column (the layer mean).
+
+    ``values`` is ``(n_layers, n_heads)``; with ``z_scored`` it is z-scored over all heads of the
+    example first (the mean column is then the mean of the z-scores). Trace 0 is the head grid
+    (x = head index 0..H-1, y = layer index), trace 1 the mean column at x = H + 1. NaN cells are
+    blank with an "n/a" hover. ``selected`` = (layer, head or None) draws the selection rectangle.
+    """
+    raw = np.asarray(values, dtype=np.float32)
+    z = zscore(raw) if z_scored else raw
+    n_layers, n_heads = z.shape
+    means = layer_means(z)[:, None]
+    label = f"{name} (z-score)" if z_scored else name
+    heads = [f"head {h + 1}" for h in range(n_heads)]
+    layers = typed_array(np.arange(n_layers))
+    common = dict(type="heatmap", coloraxis="coloraxis", hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1)
+    data = [
+        dict(z=typed_array(z), x=typed_array(np.arange(n_heads)), y=layers,
+             text=_hover_grid(z, heads, label), name="heads", **common),
+        dict(z=typed_array(means), x=[n_heads + 1], y=layers,
+             text=_hover_grid(means, ["mean of heads"], label), name="mean", **common),
+    ]
+    tickvals = list(range(n_heads)) + [n_heads + 1]
+    ticktext = [str(h + 1) for h in range(n_heads)] + ["mean"]
+    coloraxis = dict(colorscale=DIVERGING_SCALE if z_scored else STAT_SCALE,
+                     colorbar=dict(thickness=10, len=0.9, title=dict(text="z" if z_scored else "")))
+    if z_scored:
+        coloraxis["cmid"] = 0
+    layout = _layout(
+        coloraxis=coloraxis,
+        xaxis=dict(tickvals=tickvals, ticktext=ticktext, title=dict(text="head", standoff=4),
+                   showgrid=False, zeroline=False, range=[-0.5, n_heads + 1.5], fixedrange=True),
+        yaxis=dict(tickvals=list(range(n_layers)), ticktext=[str(i + 1) for i in range(n_layers)],
+                   title=dict(text="layer", standoff=4), autorange="reversed", showgrid=False,
+                   zeroline=False, fixedrange=True),
+        margin=dict(l=48, r=10, t=8, b=40), clickmode="event", hovermode="closest",
+        shapes=[head_selection_shape(selected[0], selected[1], n_heads)] if selected else [],
+    )
+    return figure(data, layout)
+
+
+# ----------------------------------------------------------------------------- image + overlay
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def overlay_grid(att: np.ndarray, coords: Sequence, grid: tuple[int, int]) -> np.ndarray:
+    """Attention to each patch placed on the patch grid: ``z[y, x] = att[token]`` for every token
+    with a coordinate; cells with no patch are NaN. Returns float32 ``(rows, cols)``."""
+    rows, cols = grid
+    z = np.full((rows, cols), np.nan, dtype=np.float32)
+    for tok, c in enumerate(coords):
+        if c is not None:
+            z[c[1], c[0]] = att[tok]
+    return z
+
+
+TRANSPARENT_SCALE = [[0.0, "rgba(0,0,0,0)"], [1.0, "rgba(0,0,0,0)"]]
+
+
+def overlay_state(z: Optional[np.ndarray], grid: tuple[int, int]) -> dict:
+    """The overlay trace's properties for attention grid ``z`` (``(rows, cols)``), or for the empty
+    state (``z=None``: an invisible zero grid that still receives clicks; NaN cells would not)."""
+    if z is None:
+        return dict(z=typed_array(np.zeros(grid, np.float32)), colorscale=TRANSPARENT_SCALE, showscale=False,
+                    hovertemplate="%{text}: click to select<extra></extra>")
+    return dict(z=typed_array(z), colorscale=ATTENTION_SCALE, showscale=True,
+                hovertemplate="%{text}<br>attention %{z:.4f}<extra></extra>")
+
+
+def patch_tokens_grid(coords: Sequence, grid: tuple[int, int]) -> np.ndarray:
+    """Token index of every grid cell (-1 where no patch), used as the overlay's customdata."""
+    rows, cols = grid
+    idx = np.full((rows, cols), -1, dtype=np.int32)
+    for tok, c in enumerate(coords):
+        if c is not None:
+            idx[c[1], c[0]] = tok
+    return idx
+
+
+def patch_shapes(selected: Sequence[int], coords: Sequence, grid: tuple[int, int],
+                 image_size: tuple[int, int]) -> list[dict]:
+    """Outline rectangles (image pixel coordinates) around the selected patches."""
+    h, w = image_size
+    rows, cols = grid
+    cw, ch = w / cols, h / rows
+    shapes = []
+    for tok in selected:
+        c = coords[tok] if 0 <= tok < len(coords) else None
+        if c is None:
+            continue
+        shapes.append(dict(type="rect", xref="x", yref="y", x0=c[0] * cw, x1=(c[0] + 1) * cw,
+                           y0=c[1] * ch, y1=(c[1] + 1) * ch,
+                           line=dict(color=SELECT_COLOR, width=2), fillcolor="rgba(0,0,0,0)"))
+    return shapes
+
+
+def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
+                 grid: Optional[tuple[int, int]]) -> go.Figure:
+    """The image (a layout image: sent once per example) with its patch grid.
+
+    Trace 0: the attention overlay heatmap on the grid (empty until a token is selected; update its
+    ``z`` with a Patch); trace 1: invisible markers at the patch centres carrying the token index, so
+    that box/lasso selection works. Axes are image pixels, y pointing down.
+    """
+    h, w = image_size
+    data = []
+    if grid:
+        rows, cols = grid
+        cw, ch = w / cols, h / rows
+        overlay = dict(
+            type="heatmap", name="overlay", x0=cw / 2, dx=cw, y0=ch / 2, dy=ch,
+            customdata=patch_tokens_grid(coords, grid).tolist(), opacity=0.6, zsmooth=False,
+            hoverongaps=True, colorbar=dict(thickness=10, len=0.9, title=dict(text="attn")),
+            text=[[f"patch ({x}, {y})" for x in range(cols)] for y in range(rows)])
+        overlay.update(overlay_state(None, grid))
+        data.append(overlay)
+        cells = [(tok, c) for tok, c in enumerate(coords) if c is not None]
+        data.append(dict(
+            type="scatter", name="patches", mode="markers", showlegend=False, hoverinfo="skip",
+            x=typed_array([(c[0] + 0.5) * cw for _, c in cells]),
+            y=typed_array([(c[1] + 0.5) * ch for _, c in cells]),
+            customdata=[t for t, _ in cells],
+            marker=dict(size=max(4.0, min(cw, ch) / 3), color="rgba(255,255,255,0.01)"),
+            selected=dict(marker=dict(color="rgba(214,39,40,0.5)")), unselected=dict(marker=dict(opacity=1))))
+        # The patch grid as one line trace (None-separated segments), so layout.shapes only holds
+        # the selection outlines.
+        gx, gy = [], []
+        for i in range(1, cols):
+            gx += [i * cw, i * cw, None]
+            gy += [0, h, None]
+        for j in range(1, rows):
+            gx += [0, w, None]
+            gy += [j * ch, j * ch, None]
+        data.append(dict(type="scatter", name="grid", x=gx, y=gy, mode="lines", hoverinfo="skip",
+                         showlegend=False, line=dict(color="rgba(255,255,255,0.35)", width=1)))
+    layout = _layout(
+        images=[dict(source=image_uri, xref="x", yref="y", x=0, y=0, sizex=w, sizey=h,
+                     sizing="stretch", layer="below")],
+        xaxis=dict(range=[0, w], showgrid=False, zeroline=False, visible=False, constrain="domain"),
+        yaxis=dict(range=[h, 0], showgrid=False, zeroline=False, visible=False,
+                   scaleanchor="x", constrain="domain"),
+        margin=dict(l=0, r=0, t=26, b=0), dragmode="select", clickmode="event",
+        hovermode="closest", uirevision="image", newselection=dict(line=dict(color=SELECT_COLOR)),
+        modebar=dict(orientation="h", bgcolor="rgba(255,255,255,0.8)"), shapes=[])
+    return figure(data, layout)
+
+
+# ----------------------------------------------------------------------------- t-SNE
+
+def tsne_figure(points: np.ndarray, tokens: Sequence[str], txt_len: int, special: Sequence[bool],
+                coords: Sequence, title: str) -> go.Figure:
+    """Scatter of a layer's t-SNE map: trace 0 text tokens, 1 image patches, 2 special tokens,
+    3 the selected token (empty), 4 the nearest token of the other modality (empty).
+
+    ``customdata`` holds the token index. Text and special tokens hover with their label; image
+    patches use the app's tooltip (hoverinfo none) so that a thumbnail can be shown.
+    """
+    pts = np.asarray(points, dtype=np.float32)
+    labels = token_labels(tokens, coords)
+    special = np.asarray(special, dtype=bool)
+    n = len(tokens)
+    idx = np.arange(n)
+    is_text = (idx < txt_len) & ~special
+    is_img = (idx >= txt_len) & ~special
+    data = []
+    for name, mask, color, size, hover in (("text", is_text, TEXT_COLOR, 7, True),
+                                           ("image", is_img, IMAGE_COLOR, 6, False),
+                                           ("special", special, SPECIAL_COLOR, 6, True)):
+        sel = idx[mask]
+        trace = dict(type="scatter", mode="markers", name=name, x=typed_array(pts[sel, 0]),
+                     y=typed_array(pts[sel, 1]), customdata=sel.tolist(),
+                     marker=dict(color=color, size=size, opacity=0.6 if name == "special" else 0.85))
+        if hover:
+            trace.update(text=[labels[i] for i in sel], hovertemplate="%{text}<extra>" + name + "</extra>")
+        else:
+            trace.update(hoverinfo="none")  # the app shows a thumbnail tooltip instead
+        data.append(trace)
+    data.append(dict(type="scatter", mode="markers", name="selected", x=[], y=[], hoverinfo="skip",
+                     marker=dict(symbol="circle-open", size=16, color=SELECT_COLOR, line=dict(width=3))))
+    data.append(dict(type="scatter", mode="markers", name="nearest other modality", x=[], y=[],
+                     hoverinfo="skip",
+                     marker=dict(symbol="diamond-open", size=16, color=NEIGHBOR_COLOR, line=dict(width=2))))
+    layout = _layout(
+        title=dict(text=title, x=0.01, y=0.98, font=dict(size=13)),
+        xaxis=dict(visible=False), yaxis=dict(visible=False),
+        legend=dict(orientation="h", y=-0.02, x=0, font=dict(size=11)),
+        margin=dict(l=4, r=4, t=30, b=4), clickmode="event", hovermode="closest", uirevision="tsne")
+    return figure(data, layout)
+
+
+def tsne_title(layer: int, n_layers: int) -> str:
+    where = "before layer 1 (embeddings)" if layer == 0 else f"after layer {layer} of {n_layers}"
+    return f"Hidden states {where} — t-SNE"
+
+
+# ----------------------------------------------------------------------------- attention matrix
+
+def attention_matrix_figure(matrix: np.ndarray, q_labels: Sequence[str], k_labels: Sequence[str],
+                            title: str, q_offset: int = 0, k_offset: int = 0) -> go.Figure:
+    """Heatmap of an attention (sub)matrix: rows = queries, columns = keys, labelled
+    ``"<token index> <label>"`` (categorical, so repeated words stay distinct)."""
+    m = np.asarray(matrix, dtype=np.float32)
+    ys = [f"{q_offset + i} {lab}" for i, lab in enumerate(q_labels)]
+    xs = [f"{k_offset + i} {lab}" for i, lab in enumerate(k_labels)]
+    data = [dict(type="heatmap", z=typed_array(m), x=xs, y=ys, colorscale=ATTENTION_SCALE,
+                 colorbar=dict(thickness=10, title=dict(text="attn")),
+                 hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.4f}<extra></extra>")]
+    layout = _layout(
+        title=dict(text=title, x=0.01, y=0.995, yanchor="top", font=dict(size=13)),
+        xaxis=dict(type="category", tickangle=-90, tickfont=dict(size=9), showgrid=False,
+                   title=dict(text="key (attended to)")),
+        yaxis=dict(type="category", tickfont=dict(size=9), autorange="reversed", showgrid=False,
+                   title=dict(text="query")),
+        margin=dict(l=90, r=10, t=52, b=90), hovermode="closest")
+    return figure(data, layout)
+
+
+# ----------------------------------------------------------------------------- thumbnails
+
+def thumbnail_png(image: np.ndarray, coord: Optional[tuple[int, int]], grid: Optional[tuple[int, int]],
+                  max_side: int = 128) -> bytes:
+    """A small PNG of the image with one patch outlined (for the t-SNE hover tooltip)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    scale = max_side / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    if coord is not None and grid:
+        rows, cols = grid
+        cw, ch = img.width / cols, img.height / rows
+        x0, y0 = coord[0] * cw, coord[1] * ch
+        draw = ImageDraw.Draw(img)
+        draw.rectangle([x0, y0, x0 + cw - 1, y0 + ch - 1], outline=(214, 39, 40), width=2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

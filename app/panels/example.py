@@ -1,0 +1,67 @@
+"""Example selector (dropdown + previous/next) and the model's prediction for the example."""
+from __future__ import annotations
+
+from dash import Input, Output, State, ctx as dctx, html, dcc, no_update
+from dash.exceptions import PreventUpdate
+
+from app import ids
+
+
+def example_options(db) -> list[dict]:
+    """The example dropdown's options (also used by the "Add example" panel after adding one)."""
+    return [{"label": f"Example {i}", "value": i} for i in db.example_ids()]
+
+
+def layout(ctx):
+    ex_ids = ctx.db.example_ids()
+    return html.Div([
+        html.Button("◀", id=ids.EXAMPLE_PREV, title="previous example", className="nav-btn"),
+        dcc.Dropdown(id=ids.EXAMPLE_SELECT, options=example_options(ctx.db),
+                     value=ex_ids[0] if ex_ids else None, clearable=False, searchable=True,
+                     placeholder="No examples in this database", className="example-dropdown"),
+        html.Button("▶", id=ids.EXAMPLE_NEXT, title="next example", className="nav-btn"),
+        html.Div(id=ids.PREDICTION, className="prediction"),
+    ], className="example-bar")
+
+
+def prediction_children(info) -> list:
+    """Badge saying correct / incorrect / unknown, then the prediction (answer, score, label)."""
+    acc = info.accuracy
+    kind, word = ("unknown", "accuracy unknown") if acc is None else \
+        (("correct", "correct") if acc else ("incorrect", "incorrect"))
+    out = [html.Span(word, className=f"badge {kind}", title="was the model's answer right (from the record)")]
+    pred = info.prediction
+    if pred:
+        parts = [html.Span("Prediction: "), html.B(str(pred.get("answer", "?")))]
+        if pred.get("score") is not None:
+            parts.append(html.Span(f" (score {float(pred['score']):.3f})"))
+        if pred.get("label") not in (None, ""):
+            parts.append(html.Span([" · label: ", html.B(str(pred["label"]))]))
+        out.append(html.Span(parts, className="pred-text"))
+    if info.text:
+        out.append(html.Span(f"“{info.text}”", className="raw-text", title="the input text"))
+    return out
+
+
+def register_callbacks(app, ctx):
+    db = ctx.db
+
+    @app.callback(Output(ids.EXAMPLE_SELECT, "value", allow_duplicate=True),
+                  Input(ids.EXAMPLE_PREV, "n_clicks"), Input(ids.EXAMPLE_NEXT, "n_clicks"),
+                  State(ids.EXAMPLE_SELECT, "value"), prevent_initial_call=True)
+    def step_example(_prev, _next, current):
+        ex_ids = db.example_ids()
+        if not ex_ids:
+            raise PreventUpdate
+        step = -1 if dctx.triggered_id == ids.EXAMPLE_PREV else 1
+        try:
+            pos = ex_ids.index(current)
+        except ValueError:
+            return ex_ids[0]
+        return ex_ids[(pos + step) % len(ex_ids)]
+
+    @app.callback(Output(ids.PREDICTION, "children"), Input(ids.EXAMPLE_SELECT, "value"))
+    def show_prediction(ex_id):
+        if ex_id is None:
+            return no_update
+        return prediction_children(db.example(ex_id))

@@ -1,0 +1,91 @@
+"""Head summary: one statistic for every layer and head (plus the layer mean); click to select."""
+from __future__ import annotations
+
+import numpy as np
+from dash import Input, Output, State, Patch, dcc, html, no_update
+from dash.exceptions import PreventUpdate
+
+from app import figures, ids
+from app.database.stats import STATISTICS
+from app.panels.common import head_label, panel
+
+CUSTOM_HELP = "a custom per-head metric supplied with the records"
+
+
+def statistic_options(db) -> list[dict]:
+    return [{"label": STATISTICS[k][0] if k in STATISTICS else f"{k} (custom)", "value": k}
+            for k in db.statistic_names()]
+
+
+def statistic_help(name: str) -> str:
+    return STATISTICS[name][1] if name in STATISTICS else CUSTOM_HELP
+
+
+def statistic_label(name: str) -> str:
+    return STATISTICS[name][0] if name in STATISTICS else name
+
+
+def default_head(db) -> dict:
+    return {"layer": db.n_layers - 1, "head": None}
+
+
+def layout(ctx):
+    opts = statistic_options(ctx.db)
+    first = opts[0]["value"] if opts else None
+    return panel(
+        "Head summary", "One number per layer and head for this example; click a cell to show that "
+        "head's attention (or a layer's “mean” cell for the mean over its heads).",
+        html.Div([
+            dcc.Dropdown(id=ids.HEAD_STAT, options=opts, value=first, clearable=False, searchable=False,
+                         className="stat-dropdown"),
+            dcc.Checklist(id=ids.HEAD_ZSCORE, options=[{"label": " z-score", "value": "z"}], value=[],
+                          className="zscore-toggle", inputClassName="zscore-input"),
+        ], className="controls"),
+        html.P(statistic_help(first) if first else "", id=ids.HEAD_STAT_HELP, className="help stat-help"),
+        dcc.Graph(id=ids.HEAD_GRAPH, config={"displayModeBar": False}, className="head-graph",
+                  style={"height": "var(--head-graph-height)"}),
+        html.Div(id=ids.HEAD_TITLE, className="selected-head"),
+        dcc.Store(id=ids.HEAD_STORE, data=default_head(ctx.db)),
+        class_name="panel-heads")
+
+
+def register_callbacks(app, ctx):
+    db = ctx.db
+
+    @app.callback(Output(ids.HEAD_GRAPH, "figure"), Output(ids.HEAD_STAT_HELP, "children"),
+                  Input(ids.EXAMPLE_SELECT, "value"), Input(ids.HEAD_STAT, "value"),
+                  Input(ids.HEAD_ZSCORE, "value"), State(ids.HEAD_STORE, "data"))
+    def draw_heads(ex_id, stat, zs, head_sel):
+        if ex_id is None or stat is None:
+            raise PreventUpdate
+        stats = db.head_statistics(ex_id)
+        values = stats.get(stat)
+        note = ""
+        if values is None:
+            values = np.full((db.n_layers, db.n_heads), np.nan, dtype=np.float32)
+            note = " (not recorded for this example)"
+        z = bool(zs)
+        fig = figures.head_summary_figure(values, statistic_label(stat), z_scored=z,
+                                          selected=(head_sel["layer"], head_sel["head"]) if head_sel else None)
+        help_text = statistic_help(stat) + note
+        if z:
+            help_text += "; z-scored over all heads of this example"
+        return fig, help_text
+
+    @app.callback(Output(ids.HEAD_STORE, "data"), Output(ids.HEAD_GRAPH, "figure", allow_duplicate=True),
+                  Input(ids.HEAD_GRAPH, "clickData"), prevent_initial_call=True)
+    def select_head(click):
+        if not click or not click.get("points"):
+            raise PreventUpdate
+        pt = click["points"][0]
+        layer = int(round(pt["y"]))
+        head = None if pt.get("curveNumber") == 1 else int(round(pt["x"]))
+        patch = Patch()
+        patch["layout"]["shapes"] = [figures.head_selection_shape(layer, head, db.n_heads)]
+        return {"layer": layer, "head": head}, patch
+
+    @app.callback(Output(ids.HEAD_TITLE, "children"), Input(ids.HEAD_STORE, "data"))
+    def show_head(head_sel):
+        if not head_sel:
+            return no_update
+        return ["Selected: ", html.B(head_label(head_sel))]

@@ -1,0 +1,187 @@
+"""Hidden states and the attention matrix, as tabs (only the visible tab is computed).
+
+t-SNE tab: the map of one layer's hidden states (slider: before layer 1 … after layer L), the
+selected token marked, and the closest token of the other modality across the whole database, with
+a button that opens it. Matrix tab: the selected head's attention matrix (text→text, image→image, full).
+"""
+from __future__ import annotations
+
+import base64
+from functools import lru_cache
+
+import numpy as np
+from dash import Input, Output, Patch, State, dcc, html, no_update
+from dash.exceptions import PreventUpdate
+
+from app import figures, ids
+from app.panels.common import head_label, panel
+
+MATRIX_KINDS = [{"label": "text → text", "value": "tt"}, {"label": "image → image", "value": "ii"},
+                {"label": "full", "value": "full"}]
+
+
+def layout(ctx):
+    n_layers = ctx.db.n_layers
+    marks = {0: "emb"}
+    marks.update({l: str(l) for l in range(1, n_layers + 1) if n_layers <= 12 or l % 2 == 0 or l == n_layers})
+    tsne_tab = dcc.Tab(label="Hidden states (t-SNE)", value="tsne", children=[
+        html.P("Each dot is a token of this example; text and image tokens in two colours, special "
+               "tokens grey. Hover an image dot to see its patch; click a dot to select that token.",
+               className="help"),
+        html.Div([html.Span("Layer", className="label"),
+                  html.Div(dcc.Slider(id=ids.TSNE_LAYER, min=0, max=n_layers, step=1, value=n_layers,
+                                      marks=marks), className="layer-slider")], className="controls"),
+        dcc.Graph(id=ids.TSNE_GRAPH, clear_on_unhover=True, className="tsne-graph",
+                  config={"displayModeBar": False}),
+        dcc.Tooltip(id=ids.TSNE_TOOLTIP, direction="left"),
+        html.Div(id=ids.NEIGHBOR_INFO, className="neighbor-info",
+                 children="Select a token to find its closest token of the other modality."),
+        html.Button("Open it", id=ids.NEIGHBOR_OPEN, className="btn", style={"display": "none"}),
+        dcc.Store(id=ids.TSNE_READY), dcc.Store(id=ids.NEIGHBOR_STORE),
+    ])
+    matrix_tab = dcc.Tab(label="Attention matrix", value="matrix", children=[
+        html.P("The selected head's attention: rows are queries, columns the keys they attend to.",
+               className="help"),
+        dcc.RadioItems(id=ids.MATRIX_KIND, options=MATRIX_KINDS, value="tt", inline=True,
+                       className="matrix-kind"),
+        dcc.Graph(id=ids.MATRIX_GRAPH, className="matrix-graph", config={"displaylogo": False}),
+    ])
+    return panel("Hidden states and attention matrix", "Pick a view; only the visible one is computed.",
+                 dcc.Tabs(id=ids.VIEW_TABS, value="tsne", children=[tsne_tab, matrix_tab],
+                          className="view-tabs"),
+                 class_name="panel-hidden")
+
+
+def register_callbacks(app, ctx):
+    db = ctx.db
+
+    @lru_cache(maxsize=8)
+    def small_image(ex_id: int):
+        return db.image(ex_id)
+
+    @app.callback(Output(ids.TSNE_GRAPH, "figure"), Output(ids.TSNE_READY, "data"),
+                  Input(ids.EXAMPLE_SELECT, "value"), Input(ids.TSNE_LAYER, "value"),
+                  Input(ids.VIEW_TABS, "value"))
+    def draw_tsne(ex_id, layer, tab):
+        if ex_id is None or tab != "tsne" or layer is None:
+            raise PreventUpdate
+        info = db.example(ex_id)
+        pts = db.tsne(ex_id, layer)
+        fig = figures.tsne_figure(pts, info.tokens, info.txt_len, info.special, info.coords,
+                                  figures.tsne_title(layer, db.n_layers))
+        return fig, {"ex": ex_id, "layer": layer}
+
+    @app.callback(Output(ids.TSNE_GRAPH, "figure", allow_duplicate=True), Output(ids.NEIGHBOR_INFO, "children"),
+                  Output(ids.NEIGHBOR_STORE, "data"), Output(ids.NEIGHBOR_OPEN, "style"),
+                  Output(ids.NEIGHBOR_OPEN, "children"),
+                  Input(ids.SEL_STORE, "data"), Input(ids.TSNE_READY, "data"), prevent_initial_call=True)
+    def mark_tsne(sel, ready):
+        """Mark the selected token and its nearest other-modality token on the map (a Patch)."""
+        if not ready:
+            raise PreventUpdate
+        ex_id, layer = ready["ex"], ready["layer"]
+        patch = Patch()
+        hidden = {"display": "none"}
+        tokens = sel["tokens"] if sel and sel.get("ex") == ex_id else []
+        if not tokens:
+            for k in (3, 4):
+                patch["data"][k]["x"], patch["data"][k]["y"] = [], []
+            return patch, "Select a token to find its closest token of the other modality.", None, hidden, no_update
+        pts = db.tsne(ex_id, layer)
+        patch["data"][3]["x"] = pts[tokens, 0].astype(float).tolist()
+        patch["data"][3]["y"] = pts[tokens, 1].astype(float).tolist()
+        info = db.example(ex_id)
+        labels = figures.token_labels(info.tokens, info.coords)
+        tok = tokens[0]
+        if info.special[tok]:
+            patch["data"][4]["x"], patch["data"][4]["y"] = [], []
+            return patch, f"‘{labels[tok]}’ is a special token: select a text token or an image patch to " \
+                "find its closest token of the other modality.", None, hidden, no_update
+        nb = db.nearest_other_modality(ex_id, layer, tok)
+        if nb is None:
+            patch["data"][4]["x"], patch["data"][4]["y"] = [], []
+            return patch, f"No token of the other modality to compare ‘{labels[tok]}’ with.", None, hidden, \
+                no_update
+        nb_info = db.example(nb.ex_id)
+        nb_label = figures.token_labels(nb_info.tokens, nb_info.coords)[nb.token]
+        other = "image" if tok < info.txt_len else "text"
+        if nb.ex_id == ex_id:
+            patch["data"][4]["x"] = [float(pts[nb.token, 0])]
+            patch["data"][4]["y"] = [float(pts[nb.token, 1])]
+            where = "in this example (◇ on the map)"
+        else:
+            patch["data"][4]["x"], patch["data"][4]["y"] = [], []
+            where = f"in example {nb.ex_id}"
+        which = f"‘{labels[tok]}’" + (" (the first selected token)" if len(tokens) > 1 else "")
+        text = [f"Closest {other} token to {which} across the database: ", html.B(f"‘{nb_label}’"),
+                f" {where}, cosine similarity {nb.similarity:.3f}."]
+        button = f"Select ‘{nb_label}’" if nb.ex_id == ex_id else f"Open example {nb.ex_id} with ‘{nb_label}’ selected"
+        return patch, text, {"ex": nb.ex_id, "token": int(nb.token)}, {}, button
+
+    @app.callback(Output(ids.EXAMPLE_SELECT, "value", allow_duplicate=True),
+                  Output(ids.SEL_STORE, "data", allow_duplicate=True),
+                  Output(ids.SIDE, "value", allow_duplicate=True),
+                  Input(ids.NEIGHBOR_OPEN, "n_clicks"), State(ids.NEIGHBOR_STORE, "data"),
+                  prevent_initial_call=True)
+    def open_neighbor(n, nb):
+        if not n or not nb:
+            raise PreventUpdate
+        info = db.example(nb["ex"])
+        side = "text" if nb["token"] < info.txt_len else "image"
+        return nb["ex"], {"ex": nb["ex"], "tokens": [nb["token"]]}, side
+
+    @app.callback(Output(ids.TSNE_TOOLTIP, "show"), Output(ids.TSNE_TOOLTIP, "bbox"),
+                  Output(ids.TSNE_TOOLTIP, "children"),
+                  Input(ids.TSNE_GRAPH, "hoverData"), State(ids.TSNE_READY, "data"), prevent_initial_call=True)
+    def patch_tooltip(hover, ready):
+        """Image tokens hover with a thumbnail of the image, the patch outlined."""
+        if not hover or not ready:
+            return False, no_update, no_update
+        pt = hover["points"][0]
+        if pt.get("curveNumber") != 1:
+            return False, no_update, no_update
+        ex_id = ready["ex"]
+        info = db.example(ex_id)
+        tok = point_token(pt, info)
+        if tok is None:
+            return False, no_update, no_update
+        png = figures.thumbnail_png(small_image(ex_id), info.coords[tok], info.grid)
+        label = figures.token_labels(info.tokens, info.coords)[tok]
+        children = [html.Img(src="data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+                             className="thumb"), html.Div(label, className="thumb-label")]
+        return True, pt["bbox"], children
+
+    @app.callback(Output(ids.MATRIX_GRAPH, "figure"),
+                  Input(ids.EXAMPLE_SELECT, "value"), Input(ids.HEAD_STORE, "data"),
+                  Input(ids.MATRIX_KIND, "value"), Input(ids.VIEW_TABS, "value"))
+    def draw_matrix(ex_id, head_sel, kind, tab):
+        if ex_id is None or tab != "matrix" or not head_sel:
+            raise PreventUpdate
+        info = db.example(ex_id)
+        m = np.asarray(db.attention_matrix(ex_id, head_sel["layer"], head_sel["head"]), dtype=np.float32)
+        labels = figures.token_labels(info.tokens, info.coords)
+        t = info.txt_len
+        if kind == "tt":
+            sub, ql, kl, qo, ko = m[:t, :t], labels[:t], labels[:t], 0, 0
+        elif kind == "ii":
+            sub, ql, kl, qo, ko = m[t:, t:], labels[t:], labels[t:], t, t
+        else:
+            sub, ql, kl, qo, ko = m, labels, labels, 0, 0
+        name = {k["value"]: k["label"] for k in MATRIX_KINDS}[kind]
+        return figures.attention_matrix_figure(sub, ql, kl, f"Attention matrix ({name}) — {head_label(head_sel)}",
+                                               q_offset=qo, k_offset=ko)
+
+
+def point_token(pt: dict, info):
+    """Token index of a t-SNE point: its customdata, or else its position in its trace (the traces
+    hold text, image and special tokens in stored order, see figures.tsne_figure)."""
+    cd = pt.get("customdata")
+    if isinstance(cd, (int, float)):
+        return int(cd)
+    curve, k = pt.get("curveNumber"), pt.get("pointNumber", pt.get("pointIndex"))
+    if curve not in (0, 1, 2) or not isinstance(k, int):
+        return None
+    special = info.special
+    members = [i for i in range(len(info.tokens))
+               if (curve == 2 and special[i]) or (not special[i] and (i < info.txt_len) == (curve == 0))]
+    return members[k] if 0 <= k < len(members) else None

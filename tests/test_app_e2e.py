@@ -1,0 +1,185 @@
+"""End-to-end: the app in headless Chromium (dash_duo) on a small database made in tmp_path."""
+import time
+
+import numpy as np
+import pytest
+from selenium.webdriver.common.actions.action_builder import ActionBuilder
+from selenium.webdriver.common.keys import Keys
+
+from app import figures, ids
+from app.server import create_app
+from conftest import GRID, N_LAYERS, browser_available
+
+pytestmark = [
+    pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver"),
+    # selenium 4.2 calls urllib3 2's deprecated HTTPResponse.getheader (harmless; fixed in selenium >= 4.3)
+    pytest.mark.filterwarnings("ignore:HTTPResponse.getheader:DeprecationWarning"),
+]
+
+GD = "document.getElementById('{}').querySelector('.js-plotly-plot')"
+
+
+def token_css(i):
+    return f'[id=\'{{"index":{i},"type":"{ids.TOKEN}"}}\']'
+
+
+def graph_js(dash_duo, graph_id, expr):
+    """Evaluate ``expr`` with ``gd`` bound to the Plotly div of a dcc.Graph."""
+    return dash_duo.driver.execute_script(f"const gd = {GD.format(graph_id)}; if (!gd) return null; {expr}")
+
+
+def overlay_z(dash_duo):
+    """The image overlay heatmap's z as plotted (Plotly's full data, after typed-array decoding)."""
+    z = graph_js(dash_duo, ids.IMAGE_GRAPH,
+                 "const z = gd._fullData && gd._fullData[0] && gd._fullData[0].z;"
+                 "return z ? Array.from(z, r => Array.from(r, v => (v === null || isNaN(v)) ? null : v)) : null;")
+    return None if z is None else np.array(z, dtype=float)
+
+
+def click_graph_point(dash_duo, graph_id, x, y):
+    """A real mouse click at data coordinates (x, y) of a Plotly graph."""
+    px, py = graph_js(dash_duo, graph_id,
+                      "const r = gd.querySelector('.nsewdrag').getBoundingClientRect();"
+                      "const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;"
+                      f"return [r.left + xa.l2p({x}), r.top + ya.l2p({y})];")
+    ab = ActionBuilder(dash_duo.driver)
+    ab.pointer_action.move_to_location(px, py).click()
+    ab.perform()
+
+
+def close(z, expected):
+    return z is not None and z.shape == expected.shape and bool(np.allclose(z, expected, rtol=1e-5))
+
+
+def drag_select(dash_duo, graph_id, x0, y0, x1, y1):
+    """A real box selection by mouse drag from (x0, y0) to (x1, y1), data coordinates."""
+    a = graph_js(dash_duo, graph_id, "const r = gd.querySelector('.nsewdrag').getBoundingClientRect();"
+                 f"return [r.left + gd._fullLayout.xaxis.l2p({x0}), r.top + gd._fullLayout.yaxis.l2p({y0}),"
+                 f"r.left + gd._fullLayout.xaxis.l2p({x1}), r.top + gd._fullLayout.yaxis.l2p({y1})];")
+    ab = ActionBuilder(dash_duo.driver)
+    ab.pointer_action.move_to_location(a[0], a[1]).pointer_down()
+    for k in range(1, 11):  # plotly needs intermediate moves to start a drag
+        ab.pointer_action.move_to_location(a[0] + (a[2] - a[0]) * k / 10, a[1] + (a[3] - a[1]) * k / 10)
+    ab.pointer_action.pointer_up()
+    ab.perform()
+
+
+def wait_until(cond, timeout=8, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = cond()
+        if isinstance(v, np.ndarray) or v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_app_end_to_end(dash_duo, small_db):
+    app = create_app(small_db)
+    dash_duo.start_server(app)
+    dash_duo.wait_for_element(token_css(3), timeout=10)
+    assert dash_duo.find_element("#" + ids.PREDICTION).text.startswith("incorrect")  # example 0
+    head_title = dash_duo.find_element("#" + ids.HEAD_TITLE)
+    assert f"layer {N_LAYERS}, mean of heads" in head_title.text
+
+    # Click a text token: the overlay over the image appears with the grid's shape and the numbers
+    # of the stored attention (last layer, mean of heads), and the token is outlined.
+    dash_duo.find_element(token_css(3)).click()
+    info = small_db.example(0)
+    expected = figures.overlay_grid(small_db.attention(0, N_LAYERS - 1, None, [3]), info.coords, info.grid)
+    wait_until(lambda: close(overlay_z(dash_duo), expected), what="overlay heatmap")
+    assert overlay_z(dash_duo).shape == GRID
+    assert graph_js(dash_duo, ids.IMAGE_GRAPH, "return gd._fullData[0].showscale;") is True
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "circle")
+    assert "outline" in dash_duo.find_element(token_css(3)).get_attribute("style")
+    assert dash_duo.find_element(token_css(4)).get_attribute("title").startswith("attention ")
+
+    # Click a head cell (layer 2, head 3): the selection store, the title and the overlay follow.
+    click_graph_point(dash_duo, ids.HEAD_GRAPH, 2, 1)
+    dash_duo.wait_for_contains_text("#" + ids.HEAD_TITLE, "layer 2, head 3")
+    att = small_db.attention(0, 1, 2, [3])
+    expected = figures.overlay_grid(att, info.coords, info.grid)
+    wait_until(lambda: close(overlay_z(dash_duo), expected), what="overlay of head 3")
+    shape = graph_js(dash_duo, ids.HEAD_GRAPH, "const s = gd.layout.shapes[0]; return [s.x0, s.y0];")
+    assert shape == [1.5, 0.5]
+
+    # Click an image patch: the side switches to image and the overlay shows that patch's attention.
+    click_graph_point(dash_duo, ids.IMAGE_GRAPH, 15, 5)  # cell (x=1, y=0) of 10x10-pixel patches
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "patch (1, 0)")
+    tok = info.coords.index((1, 0))
+    expected = figures.overlay_grid(small_db.attention(0, 1, 2, [tok]), info.coords, info.grid)
+    wait_until(lambda: close(overlay_z(dash_duo), expected), what="patch overlay")
+    assert dash_duo.find_element(f"#{ids.SIDE} input[value='image']").is_selected()
+
+    # Box-select six patches (cells x 0..2, y 0..1): the overlay is the mean of all six rows.
+    drag_select(dash_duo, ids.IMAGE_GRAPH, 1, 1, 29, 19)
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "6 tokens (averaged)")
+    toks = [info.coords.index((x, y)) for y in range(2) for x in range(3)]
+    rows = np.stack([small_db.attention(0, 1, 2, [t]) for t in toks])
+    expected = figures.overlay_grid(rows.mean(axis=0), info.coords, info.grid)
+    wait_until(lambda: close(overlay_z(dash_duo), expected), what="averaged overlay of six patches")
+    assert len(graph_js(dash_duo, ids.IMAGE_GRAPH, "return gd.layout.shapes;")) == 6
+
+    # Move the t-SNE slider to "before layer 1": the title changes.
+    assert graph_js(dash_duo, ids.TSNE_GRAPH, "return gd.layout.title.text;").startswith(
+        f"Hidden states after layer {N_LAYERS}")
+    thumb = dash_duo.find_element(f".layer-slider [role='slider']")
+    thumb.click()
+    thumb.send_keys(Keys.HOME)  # the slider's keyboard interface: Home = the first mark
+    wait_until(lambda: (graph_js(dash_duo, ids.TSNE_GRAPH, "return gd.layout.title.text;") or "").startswith(
+        "Hidden states before layer 1"), what="t-SNE title")
+
+    # Switch example with the "next" button: new tokens, selection cleared, empty-state hint.
+    dash_duo.find_element("#" + ids.EXAMPLE_NEXT).click()
+    dash_duo.wait_for_text_to_equal("#" + ids.PREDICTION + " .badge", "correct")
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "Click a text token")
+    wait_until(lambda: graph_js(dash_duo, ids.IMAGE_GRAPH, "return gd._fullData[0].showscale;") is False,
+               what="empty overlay")
+
+    # With nothing selected (an empty overlay), clicking a patch still selects it.
+    click_graph_point(dash_duo, ids.IMAGE_GRAPH, 5, 15)  # cell (x=0, y=1)
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "patch (0, 1)")
+
+    assert dash_duo.get_logs() == [], "browser console has errors"
+
+
+def test_tsne_tooltip_neighbor_and_statistics(dash_duo, small_db):
+    app = create_app(small_db)
+    dash_duo.start_server(app)
+    dash_duo.wait_for_element(token_css(3), timeout=10)
+    wait_until(lambda: graph_js(dash_duo, ids.TSNE_GRAPH, "return gd._fullData && gd._fullData.length;"),
+               what="t-SNE map")
+
+    # Hovering an image dot of the t-SNE map shows a thumbnail with the patch outlined.
+    px, py = graph_js(dash_duo, ids.TSNE_GRAPH,
+                      "const r = gd.querySelector('.nsewdrag').getBoundingClientRect(); const t = gd._fullData[1];"
+                      "return [r.left + gd._fullLayout.xaxis.l2p(t.x[0]), r.top + gd._fullLayout.yaxis.l2p(t.y[0])];")
+    ab = ActionBuilder(dash_duo.driver)
+    ab.pointer_action.move_to_location(px, py)
+    ab.perform()
+    dash_duo.wait_for_element(f"#{ids.TSNE_TOOLTIP} img.thumb", timeout=8)
+    assert "patch (" in dash_duo.find_element(f"#{ids.TSNE_TOOLTIP} .thumb-label").text
+
+    # Select a text token: the nearest image token across the database is named; open it.
+    dash_duo.find_element(token_css(3)).click()
+    dash_duo.wait_for_contains_text("#" + ids.NEIGHBOR_INFO, "Closest image token")
+    nb = small_db.nearest_other_modality(0, N_LAYERS, 3)
+    assert f"cosine similarity {nb.similarity:.3f}" in dash_duo.find_element("#" + ids.NEIGHBOR_INFO).text
+    dash_duo.find_element("#" + ids.NEIGHBOR_OPEN).click()
+    label = figures.token_labels(small_db.example(nb.ex_id).tokens, small_db.example(nb.ex_id).coords)[nb.token]
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, f"‘{label}’")
+    dash_duo.wait_for_contains_text("#" + ids.EXAMPLE_SELECT, f"Example {nb.ex_id}")
+
+    # z-score toggle: the help text says so and the head grid holds z-scores (mean 0).
+    dash_duo.find_element(f"#{ids.HEAD_ZSCORE} input").click()
+    dash_duo.wait_for_contains_text("#" + ids.HEAD_STAT_HELP, "z-scored over all heads of this example")
+    z = graph_js(dash_duo, ids.HEAD_GRAPH, "return Array.from(gd._fullData[0].z, r => Array.from(r));")
+    assert abs(float(np.nanmean(np.array(z, dtype=float)))) < 1e-4
+
+    # The text-only example opens without errors (no grid, no overlay).
+    dash_duo.select_dcc_dropdown("#" + ids.EXAMPLE_SELECT, value="Example 3")
+    dash_duo.wait_for_element(token_css(4), timeout=8)
+    dash_duo.find_element(token_css(1)).click()
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "Attention from ‘is’")
+
+    assert dash_duo.get_logs() == [], "browser console has errors"
