@@ -1,0 +1,93 @@
+"""Per-head attention statistics, computed for every layer and head at once.
+
+Definition (one number per layer and head): the tokens of an example are split into two groups,
+*text* (the first ``txt_len`` tokens) and *image* (the rest); special tokens (``[CLS]``, ``[SEP]``,
+image-side ``[CLS]``, ...) belong to neither group, as queries **or** keys.  A statistic
+``A -> B`` is the mean, over the queries of group ``A``, of the attention mass the query gives to
+the keys of group ``B``::
+
+    stat[l, h] = mean_{q in A} sum_{k in B} attention[l, h, q, k]
+
+The attention is used raw, as the model produced it: rows are **not** renormalised after the
+special tokens are dropped, so a head that sends most of its mass to ``[CLS]`` scores low
+everywhere (which is what one wants to see).
+
+* ``img2img_nodiag`` leaves out each image query's attention to itself (``k != q``).
+* ``cross_modal``: the mean over all non-special queries (text and image together) of the mass
+  they give to the *other* modality; ``intra_modal`` likewise to their *own* modality.
+
+A statistic whose query or key group is empty (a text-only or image-only example, or one whose
+tokens are all special) is NaN; ``cross_modal`` needs both modalities.  ``intra_modal`` is defined
+as long as there is at least one non-special query.  The app shows NaN as "n/a".
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+__all__ = ["STATISTICS", "head_statistics"]
+
+#: key -> (label, description), in display order.
+STATISTICS: "OrderedDict[str, tuple[str, str]]" = OrderedDict([
+    ("txt2img", ("text → image",
+                 "mean over text queries of the attention mass given to image tokens")),
+    ("img2txt", ("image → text",
+                 "mean over image queries of the attention mass given to text tokens")),
+    ("txt2txt", ("text → text",
+                 "mean over text queries of the attention mass given to text tokens")),
+    ("img2img", ("image → image",
+                 "mean over image queries of the attention mass given to image tokens")),
+    ("img2img_nodiag", ("image → image (no self)",
+                        "as image → image, leaving out each token's attention to itself")),
+    ("cross_modal", ("cross-modal (both directions)",
+                     "mean over all queries of the attention mass given to the other modality")),
+    ("intra_modal", ("intra-modal (both modalities)",
+                     "mean over all queries of the attention mass given to their own modality")),
+])
+
+
+def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``values[..., q]`` over the queries where ``mask`` is true; NaN when none is."""
+    count = int(mask.sum())
+    if count == 0:
+        return np.full(values.shape[:-1], np.nan, dtype=np.float32)
+    return (values[..., mask].sum(axis=-1, dtype=np.float64) / count).astype(np.float32)
+
+
+def head_statistics(attention: np.ndarray, txt_len: int, special: np.ndarray) -> dict[str, np.ndarray]:
+    """Every statistic of :data:`STATISTICS` for all layers and heads.
+
+    attention: (n_layers, n_heads, n_tokens, n_tokens), rows are queries, columns keys.
+    txt_len: the number of text tokens (text first, then image tokens).
+    special: (n_tokens,) bool, true for special tokens (excluded from queries and keys).
+    Returns {key: float32 (n_layers, n_heads)}, in the order of :data:`STATISTICS`.
+    """
+    attention = np.asarray(attention, dtype=np.float32)
+    n = attention.shape[-1]
+    special = np.asarray(special, dtype=bool)
+    is_text = np.arange(n) < txt_len
+    text = is_text & ~special
+    image = ~is_text & ~special
+    # (L, H, n): mass each query gives to the non-special keys of each group (one matmul each).
+    to_text = attention @ text.astype(np.float32)
+    to_image = attention @ image.astype(np.float32)
+    self_attention = np.diagonal(attention, axis1=-2, axis2=-1)  # (L, H, n)
+    both = text.any() and image.any()
+    nan = np.full(attention.shape[:2], np.nan, dtype=np.float32)
+
+    def needs(group_ok: bool, value: np.ndarray) -> np.ndarray:
+        return value if group_ok else nan
+
+    other = np.where(is_text, to_image, to_text)
+    own = np.where(is_text, to_text, to_image)
+    queries = text | image
+    return OrderedDict([
+        ("txt2img", needs(both, _masked_mean(to_image, text))),
+        ("img2txt", needs(both, _masked_mean(to_text, image))),
+        ("txt2txt", _masked_mean(to_text, text)),
+        ("img2img", _masked_mean(to_image, image)),
+        ("img2img_nodiag", _masked_mean(to_image - self_attention, image)),
+        ("cross_modal", needs(both, _masked_mean(other, queries))),
+        ("intra_modal", _masked_mean(own, queries)),
+    ])

@@ -1,0 +1,814 @@
+"""The VL-InterpreT database: an LMDB environment with one named sub-database per kind of value.
+
+Layout (schema version :data:`SCHEMA_VERSION`; ``E`` = ex_id as 10 digits, ``LLL`` = layer):
+
+=========  =====================  ==============================================================
+sub-db     key                    value
+=========  =====================  ==============================================================
+meta       ``schema_version``     JSON int; checked on open
+meta       ``n_layers`` ...       JSON: n_layers, n_heads, hidden_size, special_tokens,
+                                  custom_metrics (names), next_id, nn_dim, nn_tail, nn_shards
+meta       ``nn_projection``      float32 (hidden_size, nn_dim) raw bytes (see neighbors.py)
+pending    ``str(ex_id)``         the user's raw pickle, until preprocess() converts it
+info       ``E``                  JSON: tokens, txt_len, special, coords, grid, image_size,
+                                  accuracy, prediction, text, custom_metrics (names),
+                                  attention_exp
+image      ``E``                  PNG bytes
+attention  ``E/LLL``              float16 little-endian (heads, n, n) holding attention *
+                                  2**attention_exp (info), layer 0..n_layers-1
+hidden     ``E/LLL``              float16 little-endian (n, hidden), layer 0..n_layers (clipped
+                                  to the float16 range)
+tsne       ``E``                  float32 (n_layers + 1, n, 2)
+stats      ``E``                  float32 (n_statistics, n_layers, n_heads): the built-ins of
+                                  stats.STATISTICS, then the example's custom metrics
+nn         see neighbors.py       projected unit vectors, tail values and sealed shards
+=========  =====================  ==============================================================
+
+Every read opens one short read transaction (``with env.begin(buffers=True)``), copies what it
+needs out of the zero-copy views, and closes it; transactions are never shared across threads.
+After a fork the environment is reopened (``os.getpid()`` is checked).  Every example is
+written in its own write transaction.  Call :meth:`VliLmdb.close` explicitly (or use ``with``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import lmdb
+import numpy as np
+
+from app.database import neighbors, safe_pickle
+from app.database.neighbors import Neighbor, SearchCost
+from app.database.records import DEFAULT_SPECIAL_TOKENS, Record, RecordError, validate_record
+from app.database.stats import STATISTICS, head_statistics
+
+__all__ = ["VliLmdb", "DatabaseError", "RecordError", "ExampleInfo", "PreprocessReport",
+           "Neighbor", "SearchCost", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+SUB_DBS = (b"meta", b"pending", b"info", b"image", b"attention", b"hidden", b"tsne", b"stats", b"nn")
+MAP_SIZES = (1 << 40, 1 << 36, 1 << 32)  # sparse on Linux; smaller fall-backs for tight ulimits
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+PIPELINE = True  # preprocess(): compute the next example in a worker thread (False: one by one, to measure)
+
+
+class _SharedEnv:
+    """One LMDB environment per file and process (py-lmdb refuses a second), shared by VliLmdb
+    instances and closed when the last of them closes."""
+
+    def __init__(self, env: lmdb.Environment, dbs: dict, read_only: bool):
+        self.env, self.dbs, self.read_only, self.users = env, dbs, read_only, 1
+
+
+_REGISTRY: dict[tuple[int, str], _SharedEnv] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()  # a parent thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class DatabaseError(RuntimeError):
+    """The path is not a usable VL-InterpreT database; the message says what to do."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: compared by identity (it holds an array)
+class ExampleInfo:
+    """The small, immutable description of one stored example (tokens in stored order)."""
+
+    ex_id: int
+    tokens: tuple[str, ...]
+    txt_len: int
+    special: np.ndarray                 # (n,) bool, read-only
+    coords: tuple[Optional[tuple[int, int]], ...]  # (x, y) per image patch, None otherwise
+    grid: Optional[tuple[int, int]]     # (rows, cols), None for a text-only example
+    image_size: tuple[int, int]         # (H, W)
+    accuracy: Optional[bool]
+    prediction: Optional[dict]
+    text: Optional[str]
+    attention_exp: int = 0              # storage detail: attention is stored as float16(a * 2**exp)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class PreprocessReport:
+    """What :meth:`VliLmdb.preprocess` did.
+
+    stage_seconds sums each stage over examples; the compute stages of the next example run in
+    a worker thread while the current one is written, so their sum can exceed total_seconds.
+    """
+
+    added: list[int] = field(default_factory=list)
+    failed: dict[Union[int, str], str] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    total_seconds: float = 0.0
+
+    def __str__(self) -> str:
+        text = f"preprocessed {len(self.added)} example(s) in {self.total_seconds:.1f} s"
+        if self.failed:
+            text += (f"; {len(self.failed)} record(s) failed and stay pending "
+                     f"(fix them and run preprocess() again)")
+        return text
+
+
+@dataclass
+class _Prepared:
+    """Everything one example writes, computed outside the write transaction."""
+
+    record: Record
+    key: Optional[bytes]               # pending key, None for add_record
+    values: dict[bytes, dict[bytes, bytes]]  # sub-db -> key -> value
+    projection: bytes
+    seconds: dict[str, float]
+
+
+def _ekey(ex_id: int) -> bytes:
+    return b"%010d" % ex_id
+
+
+def _lkey(ex_id: int, layer: int) -> bytes:
+    return b"%010d/%03d" % (ex_id, layer)
+
+
+def _key_name(key: bytes) -> Union[int, str]:
+    text = key.decode("utf-8", "replace")
+    return int(text) if text.isdigit() else text
+
+
+def _tsne_maps(hidden: np.ndarray) -> np.ndarray:
+    """(n_maps, n_points, dim) -> (n_maps, n_points, 2) float32 (app.database.tsne)."""
+    from app.database.tsne import tsne_maps  # noqa: PLC0415 (heavy import, only when writing)
+    return tsne_maps(hidden)
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image  # noqa: PLC0415
+    buffer = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+class VliLmdb:
+    """A VL-InterpreT database (see the module docstring and docs/ARCHITECTURE.md).
+
+    db_dir: the database folder (LMDB ``data.mdb`` + ``lock.mdb``).
+    read_only: True (the app) opens an existing, preprocessed database and never creates files;
+        False (scripts, live models) creates the folder if needed and allows writes.
+    special_tokens: token strings excluded from statistics; stored with the first example
+        (default ``[CLS]``, ``[SEP]``, ``[PAD]``).
+    cache_size: how many ExampleInfo are kept in memory.
+    """
+
+    def __init__(self, db_dir: Union[str, os.PathLike], read_only: bool = True,
+                 special_tokens: Optional[Sequence[str]] = None, cache_size: int = 256):
+        self.path = os.fspath(db_dir)
+        self.read_only = read_only
+        self._requested_special = tuple(special_tokens) if special_tokens is not None else None
+        self._cache: "OrderedDict[int, ExampleInfo]" = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._closed = False
+        self._shared = self._open()
+        self._env, self._dbs = self._shared.env, self._shared.dbs
+        self._pid = os.getpid()
+        self._meta_cache: dict[str, Any] = {}
+        self._check_schema()
+        if read_only:
+            self._check_preprocessed()
+        self._check_special_tokens()
+
+    # ----------------------------------------------------------------------------- opening
+    def _open(self):
+        path, quoted = self.path, repr(self.path)
+        if self.read_only:
+            if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "data.mdb")):
+                raise DatabaseError(
+                    f"{quoted} is not a VL-InterpreT database (no LMDB data.mdb): create one with "
+                    f"`VliLmdb({quoted}, read_only=False)`, add records and run `.preprocess()` "
+                    f"(see db_example.py)")
+        elif os.path.exists(path) and not os.path.isdir(path):
+            raise DatabaseError(f"{quoted} is a file, not a database folder: choose another path")
+        elif (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "data.mdb"))
+              and any(name != "lock.mdb" for name in os.listdir(path))):
+            raise DatabaseError(f"{quoted} is a folder with other files and no database (no data.mdb): "
+                                f"choose a new or empty folder for a new database")
+        else:
+            os.makedirs(path, exist_ok=True)
+        key = (os.getpid(), os.path.realpath(path))
+        with _REGISTRY_LOCK:
+            shared = _REGISTRY.get(key)
+            if shared is not None:  # LMDB allows one environment per file and process: share it
+                if shared.read_only and not self.read_only:
+                    raise DatabaseError(f"{quoted} is already open read-only in this process: close that "
+                                        f"VliLmdb before opening it with read_only=False")
+                shared.users += 1
+                return shared
+            shared = _SharedEnv(*self._open_env(path, quoted), read_only=self.read_only)
+            _REGISTRY[key] = shared
+            return shared
+
+    def _open_env(self, path: str, quoted: str):
+        env = None
+        for map_size in MAP_SIZES:
+            try:
+                env = lmdb.open(path, map_size=map_size, max_dbs=len(SUB_DBS) + 4, subdir=True,
+                                readonly=self.read_only, lock=True, max_readers=512)
+                break
+            except lmdb.MemoryError:
+                continue
+            except lmdb.Error as error:
+                raise DatabaseError(f"{quoted} could not be opened as an LMDB database: {error}") from None
+        if env is None:
+            raise DatabaseError(f"{quoted}: not enough address space to map the database")
+        try:
+            try:
+                meta = env.open_db(b"meta", create=False)
+            except lmdb.NotFoundError:
+                if self.read_only or env.stat()["entries"] > 0:
+                    raise DatabaseError(
+                        f"{quoted} is an LMDB database but not a VL-InterpreT one (it has no 'meta' "
+                        f"table): choose an empty folder for a new database") from None
+                meta = env.open_db(b"meta", create=True)
+                with env.begin(write=True) as txn:
+                    txn.put(b"schema_version", json.dumps(SCHEMA_VERSION).encode(), db=meta)
+                    txn.put(b"next_id", b"0", db=meta)
+            dbs = {b"meta": meta}
+            for name in SUB_DBS[1:]:
+                try:
+                    dbs[name] = env.open_db(name, create=not self.read_only)
+                except lmdb.NotFoundError:
+                    dbs[name] = None  # read-only and never written: treated as empty
+        except BaseException:
+            env.close()
+            raise
+        return env, {name.decode(): db for name, db in dbs.items()}
+
+    def _check_schema(self) -> None:
+        version = self._meta("schema_version")
+        quoted = repr(self.path)
+        if version is None:
+            self.close()
+            raise DatabaseError(f"{quoted} has a 'meta' table without a schema version: it is not a "
+                                f"VL-InterpreT database; choose an empty folder for a new database")
+        if version != SCHEMA_VERSION:
+            self.close()
+            raise DatabaseError(
+                f"{quoted} was written by a newer/unknown schema version {version}; this VL-InterpreT "
+                f"reads version {SCHEMA_VERSION}: upgrade VL-InterpreT or re-create the database")
+
+    def _check_preprocessed(self) -> None:
+        if self._count("info") > 0:
+            return
+        pending = self._count("pending")
+        quoted = repr(self.path)
+        self.close()
+        if pending:
+            raise DatabaseError(f"{quoted} has {pending} pending record(s) but no preprocessed examples: "
+                                f"run `VliLmdb({quoted}, read_only=False).preprocess()`")
+        raise DatabaseError(f"{quoted} is an empty database: add records with `db[str(ex_id)] = "
+                            f"pickle.dumps(record)` and run `VliLmdb({quoted}, read_only=False).preprocess()`")
+
+    def _check_special_tokens(self) -> None:
+        stored = self._meta("special_tokens")
+        if stored is not None and self._requested_special is not None \
+                and tuple(stored) != self._requested_special:
+            self.close()
+            raise DatabaseError(f"{self.path!r} already uses special tokens {stored}; "
+                                f"open it without special_tokens= or re-create it")
+
+    # ----------------------------------------------------------------------------- plumbing
+    def _environment(self) -> lmdb.Environment:
+        if self._closed:
+            raise DatabaseError(f"the database {self.path!r} is closed")
+        if os.getpid() != self._pid:  # forked: the parent's environment must not be used here
+            # Closing the inherited handle in the child is safe: LMDB clears only the reader
+            # slots of this pid, and fcntl locks are per process.  The child is single-threaded
+            # here, so a fresh lock replaces one a parent thread may have held at the fork.
+            self._lock = threading.Lock()
+            self._env.close()
+            self._shared = self._open()
+            self._env, self._dbs = self._shared.env, self._shared.dbs
+            self._pid = os.getpid()
+        return self._env
+
+    def _read(self):
+        return self._environment().begin(buffers=True)
+
+    def _write(self):
+        if self.read_only:
+            raise DatabaseError(f"{self.path!r} was opened read-only: use VliLmdb(..., read_only=False)")
+        return self._environment().begin(write=True)
+
+    def _count(self, name: str) -> int:
+        db = self._dbs[name]
+        if db is None:
+            return 0
+        with self._read() as txn:
+            return txn.stat(db)["entries"]
+
+    def _meta(self, key: str, txn=None) -> Any:
+        if txn is None:
+            with self._read() as txn:
+                return self._meta(key, txn)
+        raw = txn.get(key.encode(), db=self._dbs["meta"])
+        return None if raw is None else json.loads(bytes(raw))
+
+    def _put_meta(self, txn, key: str, value: Any) -> None:
+        txn.put(key.encode(), json.dumps(value).encode(), db=self._dbs["meta"])
+
+    def _fixed_meta(self, key: str) -> Any:
+        """A meta value that never changes once set (dimensions, special tokens)."""
+        if key not in self._meta_cache:
+            value = self._meta(key)
+            if value is None:
+                return None
+            self._meta_cache[key] = value
+        return self._meta_cache[key]
+
+    def close(self) -> None:
+        """Close the environment (idempotent). Nothing is written here."""
+        if not self._closed:
+            self._closed = True
+            if os.getpid() != self._pid:
+                return  # the parent's environment: not ours to close
+            with _REGISTRY_LOCK:
+                self._shared.users -= 1
+                if self._shared.users == 0:
+                    _REGISTRY.pop((self._pid, os.path.realpath(self.path)), None)
+                    self._env.close()
+
+    def compact_copy(self, dest: Union[str, os.PathLike]) -> None:
+        """Write a compacted copy of the database to the new folder ``dest`` (free pages left by
+        pending records and rewritten values are dropped; LMDB files never shrink in place)."""
+        dest = os.fspath(dest)
+        os.makedirs(dest, exist_ok=False)
+        self._environment().copy(dest, compact=True)
+
+    def __enter__(self) -> "VliLmdb":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"VliLmdb({self.path!r}, read_only={self.read_only})"
+
+    # ----------------------------------------------------------------------------- read side
+    @property
+    def n_layers(self) -> Optional[int]:
+        return self._fixed_meta("n_layers")
+
+    @property
+    def n_heads(self) -> Optional[int]:
+        return self._fixed_meta("n_heads")
+
+    @property
+    def hidden_size(self) -> Optional[int]:
+        return self._fixed_meta("hidden_size")
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        stored = self._fixed_meta("special_tokens")
+        if stored is not None:
+            return tuple(stored)
+        return self._requested_special or DEFAULT_SPECIAL_TOKENS
+
+    def example_ids(self) -> list[int]:
+        """The ids of all preprocessed examples, sorted."""
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._dbs["info"]) if self._dbs["info"] is not None else None
+            return [] if cursor is None else [int(bytes(k)) for k in cursor.iternext(values=False)]
+
+    def __len__(self) -> int:
+        return self._count("info")
+
+    def pending_keys(self) -> list[str]:
+        """Keys of the raw records waiting for preprocess()."""
+        if self._dbs["pending"] is None:
+            return []
+        with self._read() as txn:
+            return [bytes(k).decode() for k in txn.cursor(db=self._dbs["pending"]).iternext(values=False)]
+
+    def statistic_names(self) -> list[str]:
+        """The built-in statistic keys (stats.STATISTICS), then the custom metric names."""
+        return list(STATISTICS) + list(self._meta("custom_metrics") or [])
+
+    def example(self, ex_id: int) -> ExampleInfo:
+        """The small description of example ``ex_id`` (cached; KeyError if absent)."""
+        ex_id = int(ex_id)
+        with self._lock:
+            if ex_id in self._cache:
+                self._cache.move_to_end(ex_id)
+                return self._cache[ex_id]
+        with self._read() as txn:
+            raw = txn.get(_ekey(ex_id), db=self._dbs["info"])
+            if raw is None:
+                raise KeyError(f"example {ex_id} is not in the database {self.path!r}")
+            data = json.loads(bytes(raw))
+        special = np.array(data["special"], dtype=bool)
+        special.flags.writeable = False
+        info = ExampleInfo(
+            ex_id=ex_id, tokens=tuple(data["tokens"]), txt_len=data["txt_len"], special=special,
+            coords=tuple(None if c is None else tuple(c) for c in data["coords"]),
+            grid=None if data["grid"] is None else tuple(data["grid"]),
+            image_size=tuple(data["image_size"]), accuracy=data["accuracy"],
+            prediction=data["prediction"], text=data["text"], attention_exp=data.get("attention_exp", 0))
+        with self._lock:
+            self._cache[ex_id] = info
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return info
+
+    def _get(self, txn, name: str, key: bytes, ex_id: int):
+        raw = txn.get(key, db=self._dbs[name])
+        if raw is None:
+            raise KeyError(f"example {ex_id} is not in the database {self.path!r}")
+        return raw
+
+    def _check_layer(self, layer: int, hidden: bool) -> int:
+        top = self.n_layers + (1 if hidden else 0)
+        layer = int(layer)
+        if not 0 <= layer < top:
+            what = "hidden-state layer (0 = before layer 1)" if hidden else "attention layer"
+            raise IndexError(f"{what} {layer} out of range 0..{top - 1}")
+        return layer
+
+    def _check_head(self, head: Optional[int]) -> Optional[int]:
+        if head is None:
+            return None
+        head = int(head)
+        if not 0 <= head < self.n_heads:
+            raise IndexError(f"head {head} out of range 0..{self.n_heads - 1}")
+        return head
+
+    def image_png(self, ex_id: int) -> bytes:
+        """The example's image as PNG bytes."""
+        with self._read() as txn:
+            return bytes(self._get(txn, "image", _ekey(int(ex_id)), ex_id))
+
+    def image(self, ex_id: int) -> np.ndarray:
+        """The example's image, uint8 (H, W, 3)."""
+        from PIL import Image  # noqa: PLC0415
+        with Image.open(io.BytesIO(self.image_png(ex_id))) as image:
+            return np.asarray(image.convert("RGB"))
+
+    def attention(self, ex_id: int, layer: int, head: Optional[int],
+                  queries: Union[int, Sequence[int], np.ndarray]) -> np.ndarray:
+        """float32 (n,): the attention of ``queries`` (stored positions), averaged over them.
+
+        layer: 0..n_layers-1; head: 0..n_heads-1, or None for the mean over heads.
+        Only the needed rows are read.
+        """
+        info = self.example(ex_id)
+        layer, head = self._check_layer(layer, hidden=False), self._check_head(head)
+        rows = np.atleast_1d(np.asarray(queries, dtype=np.int64))
+        n = info.n_tokens
+        if rows.size == 0:
+            raise ValueError("attention(): at least one query token is needed")
+        if rows.min() < 0 or rows.max() >= n:
+            raise IndexError(f"query tokens {rows.tolist()} out of range 0..{n - 1}")
+        with self._read() as txn:
+            view = np.frombuffer(self._get(txn, "attention", _lkey(info.ex_id, layer), ex_id),
+                                 dtype="<f2").reshape(self.n_heads, n, n)
+            picked = view[head, rows] if head is not None else view[:, rows]  # copies the rows
+        return picked.astype(np.float32).reshape(-1, n).mean(axis=0) * np.float32(2.0 ** -info.attention_exp)
+
+    def attention_matrix(self, ex_id: int, layer: int, head: Optional[int]) -> np.ndarray:
+        """float32 (n, n) attention of one head (or the mean over heads for head=None)."""
+        info = self.example(ex_id)
+        layer, head = self._check_layer(layer, hidden=False), self._check_head(head)
+        n = info.n_tokens
+        with self._read() as txn:
+            view = np.frombuffer(self._get(txn, "attention", _lkey(info.ex_id, layer), ex_id),
+                                 dtype="<f2").reshape(self.n_heads, n, n)
+            matrix = view[head].astype(np.float32) if head is not None else view.astype(np.float32).mean(axis=0)
+        return matrix * np.float32(2.0 ** -info.attention_exp)
+
+    def hidden_states(self, ex_id: int, layer: int) -> np.ndarray:
+        """float32 (n, hidden) at hidden-state layer 0 (before layer 1) .. n_layers."""
+        info = self.example(ex_id)
+        layer = self._check_layer(layer, hidden=True)
+        with self._read() as txn:
+            raw = self._get(txn, "hidden", _lkey(info.ex_id, layer), ex_id)
+            return np.frombuffer(raw, dtype="<f2").reshape(info.n_tokens, -1).astype(np.float32)
+
+    def head_statistics(self, ex_id: int) -> dict[str, np.ndarray]:
+        """{name: float32 (n_layers, n_heads)} for statistic_names(); NaN where undefined/absent."""
+        ex_id = int(ex_id)
+        with self._read() as txn:
+            raw = self._get(txn, "stats", _ekey(ex_id), ex_id)
+            values = np.frombuffer(raw, dtype="<f4").reshape(-1, self.n_layers, self.n_heads).copy()
+            info = json.loads(bytes(self._get(txn, "info", _ekey(ex_id), ex_id)))
+        names = list(STATISTICS) + info["custom_metrics"]
+        result = {name: values[i] for i, name in enumerate(names)}
+        for name in self.statistic_names():
+            if name not in result:
+                result[name] = np.full((self.n_layers, self.n_heads), np.nan, np.float32)
+        return {name: result[name] for name in self.statistic_names()}
+
+    def tsne(self, ex_id: int, layer: int) -> np.ndarray:
+        """float32 (n, 2): the t-SNE map of the hidden states at layer 0 .. n_layers."""
+        info = self.example(ex_id)
+        layer = self._check_layer(layer, hidden=True)
+        with self._read() as txn:
+            raw = self._get(txn, "tsne", _ekey(info.ex_id), ex_id)
+            return np.frombuffer(raw, dtype="<f4").reshape(-1, info.n_tokens, 2)[layer].copy()
+
+    def nearest_other_modality(self, ex_id: int, layer: int, token: int) -> Optional[Neighbor]:
+        """The closest token of the other modality in any example (cosine at hidden layer
+        ``layer``), or None for a special token or when the other modality has no tokens."""
+        return self.nearest_other_modality_cost(ex_id, layer, token)[0]
+
+    def nearest_other_modality_cost(self, ex_id: int, layer: int,
+                                    token: int) -> tuple[Optional[Neighbor], SearchCost]:
+        """nearest_other_modality() and what the search cost (for benchmarks)."""
+        info = self.example(ex_id)
+        layer = self._check_layer(layer, hidden=True)
+        token = int(token)
+        if not 0 <= token < info.n_tokens:
+            raise IndexError(f"token {token} out of range 0..{info.n_tokens - 1}")
+        if info.special[token]:
+            return None, SearchCost()
+        with self._read() as txn:
+            projection = self._projection(txn)
+            meta = {k: self._meta(k, txn) for k in ("nn_shards", "nn_tail")}
+            hidden_db, width = self._dbs["hidden"], self.hidden_size
+
+            def hidden_row(other: int, position: int) -> np.ndarray:
+                raw = txn.get(_lkey(other, layer), db=hidden_db)  # (n, hidden) float16
+                return np.frombuffer(raw, dtype="<f2", count=width,
+                                     offset=position * width * 2).astype(np.float32)
+
+            query = hidden_row(info.ex_id, token)
+            return neighbors.search(txn, self._dbs["nn"], query, token < info.txt_len, layer,
+                                    meta["nn_shards"] or 0, meta["nn_tail"] or [], projection, hidden_row,
+                                    rerank=neighbors.RERANK)
+
+    def _projection(self, txn) -> np.ndarray:
+        if "nn_projection" not in self._meta_cache:
+            raw = txn.get(b"nn_projection", db=self._dbs["meta"])
+            dim = self._meta("nn_dim", txn)
+            self._meta_cache["nn_projection"] = np.frombuffer(bytes(raw), dtype="<f4").reshape(-1, dim)
+        return self._meta_cache["nn_projection"]
+
+    # ----------------------------------------------------------------------------- write side
+    def __setitem__(self, key: Union[str, int], value: bytes) -> None:
+        """Store a raw pickled record under ``str(ex_id)``, pending until preprocess()."""
+        key = str(key)
+        if not key:
+            raise KeyError("the key must be a non-empty str (str(ex_id))")
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(f"db[{key!r}] = ... expects pickle bytes "
+                            f"(pickle.dumps(record)), got {type(value).__name__}")
+        with self._write() as txn:
+            txn.put(key.encode(), bytes(value), db=self._dbs["pending"])
+            if key.isdigit():
+                self._bump_next_id(txn, int(key))
+
+    def discard_pending(self, key: Union[str, int]) -> bool:
+        """Delete a pending raw record; True if there was one."""
+        with self._write() as txn:
+            return txn.delete(str(key).encode(), db=self._dbs["pending"])
+
+    def _bump_next_id(self, txn, ex_id: int) -> None:
+        if (self._meta("next_id", txn) or 0) <= ex_id:
+            self._put_meta(txn, "next_id", ex_id + 1)
+
+    def reserve_example_id(self) -> int:
+        """Atomically hand out an id no example or pending record uses (threads and processes)."""
+        with self._write() as txn:
+            ex_id = self._meta("next_id", txn) or 0
+            while (txn.get(_ekey(ex_id), db=self._dbs["info"]) is not None
+                   or txn.get(str(ex_id).encode(), db=self._dbs["pending"]) is not None):
+                ex_id += 1
+            self._put_meta(txn, "next_id", ex_id + 1)
+            return ex_id
+
+    def _expected_dims(self) -> Optional[tuple[int, int, int]]:
+        dims = (self._meta("n_layers"), self._meta("n_heads"), self._meta("hidden_size"))
+        return None if dims[0] is None else dims
+
+    def add_record(self, record: dict) -> int:
+        """Validate, preprocess and commit one record in one transaction; return its ex_id.
+
+        Raises RecordError (nothing written) for an invalid record or an ex_id already in use.
+        """
+        start = time.perf_counter()
+        normal = validate_record(record, special_tokens=self.special_tokens, expected=self._expected_dims())
+        seconds = {"validate": time.perf_counter() - start}
+        prepared = self._prepare(normal, None, seconds)
+        self._commit(prepared)
+        return normal.ex_id
+
+    def preprocess(self, progress: bool = True) -> PreprocessReport:
+        """Validate and convert every pending record (see PreprocessReport); bad ones stay pending.
+
+        The next example is computed in a worker thread while the current one is written.
+        """
+        self._write().abort()  # fail early when read-only
+        report = PreprocessReport()
+        start = time.perf_counter()
+        keys = [k.encode() for k in self.pending_keys()]
+        keys.sort(key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+        stages = {name: 0.0 for name in ("unpickle", "validate", "statistics", "tsne", "index",
+                                         "encode", "write")}
+        expected = [self._expected_dims()]
+
+        def compute(key: bytes) -> Union[_Prepared, RecordError]:
+            try:
+                return self._compute_pending(key, expected)
+            except RecordError as error:
+                return error
+
+        bar = None
+        if progress and keys:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+            bar = tqdm(total=len(keys), desc="preprocess", unit="example")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vli-preprocess")
+        queue = deque()
+        try:
+            upcoming = iter(keys)
+
+            def submit_next() -> None:
+                for next_key in upcoming:
+                    queue.append((next_key, executor.submit(compute, next_key)))
+                    break
+
+            submit_next()
+            while queue:
+                key, future = queue.popleft()
+                result = future.result()
+                if PIPELINE:  # compute the next example while this one is written
+                    submit_next()
+                if isinstance(result, _Prepared):
+                    for stage, value in result.seconds.items():
+                        stages[stage] = stages.get(stage, 0.0) + value
+                    try:
+                        t = time.perf_counter()
+                        self._commit(result)
+                        stages["write"] += time.perf_counter() - t
+                        report.added.append(result.record.ex_id)
+                    except RecordError as error:
+                        result = error
+                if isinstance(result, RecordError):
+                    report.failed[_key_name(key)] = str(result)
+                    message = f"✗ not added, kept pending: {result}"
+                    if bar is not None:
+                        bar.write(message, file=sys.stderr)
+                    else:
+                        print(message, file=sys.stderr)
+                if bar is not None:
+                    bar.update(1)
+                if not PIPELINE:
+                    submit_next()
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            if bar is not None:
+                bar.close()
+        report.stage_seconds = stages
+        report.total_seconds = time.perf_counter() - start
+        if report.failed or progress:
+            print(str(report), file=sys.stderr)
+        return report
+
+    def _compute_pending(self, key: bytes, expected: list) -> _Prepared:
+        name = _key_name(key)
+        t = time.perf_counter()
+        with self._read() as txn:
+            raw = txn.get(key, db=self._dbs["pending"])
+            raw = None if raw is None else bytes(raw)
+        if raw is None:
+            raise RecordError(name, "record", "disappeared from the pending records (preprocessed elsewhere?)")
+        try:
+            record = safe_pickle.loads(raw)
+        except Exception as error:  # corrupt or unsafe pickle: kept pending, reported
+            raise RecordError(name, "record", f"could not unpickle: {error}") from None
+        seconds = {"unpickle": time.perf_counter() - t}
+        t = time.perf_counter()
+        normal = validate_record(record, special_tokens=self.special_tokens, expected=expected[0], ex_id=name)
+        if normal.ex_id != name:
+            raise RecordError(name, "ex_id", f"the record's ex_id {normal.ex_id} differs from its key {name!r}; "
+                              f"store it as db[str(ex_id)]")
+        if expected[0] is None:
+            expected[0] = (normal.n_layers, normal.n_heads, normal.hidden_size)
+        seconds["validate"] = time.perf_counter() - t
+        return self._prepare(normal, key, seconds)
+
+    def _prepare(self, normal: Record, key: Optional[bytes], seconds: dict[str, float]) -> _Prepared:
+        ex_id, n = normal.ex_id, normal.n_tokens
+        t = time.perf_counter()
+        statistics = head_statistics(normal.attention, normal.txt_len, normal.special)
+        values = list(statistics.values()) + [normal.custom_metrics[m] for m in normal.custom_metrics]
+        stats_blob = np.stack(values).astype("<f4").tobytes()
+        seconds["statistics"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        maps = np.asarray(_tsne_maps(normal.hidden_states), dtype="<f4")
+        if maps.shape != (normal.n_layers + 1, n, 2):
+            raise RuntimeError(f"tsne_maps returned shape {maps.shape}, expected {(normal.n_layers + 1, n, 2)}")
+        seconds["tsne"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with self._read() as txn:
+            raw = txn.get(b"nn_projection", db=self._dbs["meta"])
+            projection_bytes = None if raw is None else bytes(raw)
+        if projection_bytes is None:
+            projection = neighbors.make_projection(normal.hidden_size)
+            projection_bytes = projection.astype("<f4").tobytes()
+        else:
+            projection = np.frombuffer(projection_bytes, dtype="<f4").reshape(normal.hidden_size, -1)
+        nn_values = neighbors.example_entries(ex_id, normal.hidden_states, normal.txt_len,
+                                              normal.special, projection)
+        seconds["index"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        info = {"ex_id": ex_id, "tokens": normal.tokens, "txt_len": normal.txt_len,
+                "special": normal.special.tolist(), "coords": normal.coords, "grid": normal.grid,
+                "image_size": list(normal.image.shape[:2]), "accuracy": normal.accuracy,
+                "prediction": normal.prediction, "text": normal.text,
+                "custom_metrics": list(normal.custom_metrics)}
+        # Softmax weights are mostly tiny: scaled by 2**exp (exp = 14 when the largest weight is
+        # 1) they stay out of float16's subnormal range (12x faster to convert, and precise down
+        # to ~4e-9); the largest value still fits float16, and the rescale on read is exact.
+        peak = float(np.abs(normal.attention).max()) or 1.0
+        exp = int(np.clip(np.floor(np.log2(FLOAT16_MAX / peak)) - 1, -120, 120))
+        info["attention_exp"] = exp
+        attention16 = (normal.attention * np.float32(2.0 ** exp)).astype("<f2")
+        hidden16 = np.clip(normal.hidden_states, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2")
+        ekey = _ekey(ex_id)
+        values = {
+            b"info": {ekey: json.dumps(info).encode()},
+            b"image": {ekey: _png(normal.image)},
+            b"attention": {_lkey(ex_id, layer): attention16[layer].tobytes() for layer in range(normal.n_layers)},
+            b"hidden": {_lkey(ex_id, layer): hidden16[layer].tobytes() for layer in range(normal.n_layers + 1)},
+            b"tsne": {ekey: maps.tobytes()},
+            b"stats": {ekey: stats_blob},
+            b"nn": nn_values,
+        }
+        seconds["encode"] = time.perf_counter() - t
+        return _Prepared(record=normal, key=key, values=values, projection=projection_bytes, seconds=seconds)
+
+    def _commit(self, prepared: _Prepared) -> None:
+        """Write one prepared example in one transaction (all or nothing)."""
+        normal, ex_id = prepared.record, prepared.record.ex_id
+        with self._write() as txn:
+            dims = (self._meta("n_layers", txn), self._meta("n_heads", txn), self._meta("hidden_size", txn))
+            if dims[0] is not None:
+                for name, got, want, field_name in (("layers", normal.n_layers, dims[0], "attention"),
+                                                    ("heads", normal.n_heads, dims[1], "attention"),
+                                                    ("hidden size", normal.hidden_size, dims[2], "hidden_states")):
+                    if got != want:
+                        raise RecordError(ex_id, field_name, f"{got} {name}, but the database has {want} {name}")
+            else:
+                self._put_meta(txn, "n_layers", normal.n_layers)
+                self._put_meta(txn, "n_heads", normal.n_heads)
+                self._put_meta(txn, "hidden_size", normal.hidden_size)
+                self._put_meta(txn, "special_tokens", list(self.special_tokens))
+                self._put_meta(txn, "nn_dim", len(prepared.projection) // 4 // normal.hidden_size)
+                self._put_meta(txn, "nn_tail", [])
+                self._put_meta(txn, "nn_shards", 0)
+                txn.put(b"nn_projection", prepared.projection, db=self._dbs["meta"])
+            if bytes(txn.get(b"nn_projection", db=self._dbs["meta"])) != prepared.projection:
+                projection = np.frombuffer(bytes(txn.get(b"nn_projection", db=self._dbs["meta"])),
+                                           dtype="<f4").reshape(normal.hidden_size, -1)
+                prepared.values[b"nn"] = neighbors.example_entries(
+                    ex_id, normal.hidden_states, normal.txt_len, normal.special, projection)
+            if txn.get(_ekey(ex_id), db=self._dbs["info"]) is not None:
+                raise RecordError(ex_id, "ex_id", f"example {ex_id} is already in the database "
+                                  f"(use db.reserve_example_id() for a new id, or discard_pending({ex_id!r}))")
+            if prepared.key is not None and txn.get(prepared.key, db=self._dbs["pending"]) is None:
+                raise RecordError(ex_id, "record", "disappeared from the pending records (preprocessed elsewhere?)")
+            for name, items in prepared.values.items():
+                db = self._dbs[name.decode()]
+                for key, value in items.items():
+                    txn.put(key, value, db=db)
+            custom = self._meta("custom_metrics", txn) or []
+            new = [m for m in normal.custom_metrics if m not in custom]
+            if new:
+                self._put_meta(txn, "custom_metrics", custom + new)
+            tail = (self._meta("nn_tail", txn) or []) + [ex_id]
+            if len(tail) >= neighbors.SHARD_EXAMPLES:
+                shard = self._meta("nn_shards", txn) or 0
+                neighbors.seal(txn, self._dbs["nn"], tail, shard, normal.n_layers + 1)
+                self._put_meta(txn, "nn_shards", shard + 1)
+                tail = []
+            self._put_meta(txn, "nn_tail", tail)
+            self._bump_next_id(txn, ex_id)
+            if prepared.key is not None:
+                txn.delete(prepared.key, db=self._dbs["pending"])

@@ -1,0 +1,92 @@
+"""Write a small example database of random data: the documented example of the record format.
+
+    python db_example.py [--out example_database1]
+
+Creates three examples (450x800 images, 12 layers, 12 heads, hidden size 768, a 2x3 grid of
+image patches and a short text) in ``example_database1/`` and preprocesses them.  Run the app on
+it with ``python run_app.py -d example_database1``.  The database is re-created from scratch.
+"""
+import argparse
+import os
+import pickle
+import shutil
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from app.database.database import VliLmdb  # noqa: E402
+
+N_LAYERS, N_HEADS, HIDDEN = 12, 12, 768
+GRID_ROWS, GRID_COLS = 2, 3
+IMAGE_H, IMAGE_W = 450, 800
+
+
+def softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def random_example(ex_id, rng):
+    """One record, as a user's extraction script would build it."""
+    words = ["what", "color", "is", "the", "shape"][: 3 + ex_id]
+    text_tokens = ["[CLS]"] + words + ["[SEP]"]  # text first; [CLS]/[SEP] are special tokens
+    image_tokens = [f"img_{i}" for i in range(GRID_ROWS * GRID_COLS)]
+    tokens = text_tokens + image_tokens
+    n_tokens = len(tokens)
+    # A blocky random image (16x16 blocks upscaled) keeps the PNG small.
+    blocks = rng.integers(0, 256, size=(IMAGE_H // 15 + 1, IMAGE_W // 16 + 1, 3), dtype=np.uint8)
+    image = np.repeat(np.repeat(blocks, 15, axis=0), 16, axis=1)[:IMAGE_H, :IMAGE_W]
+    return {
+        # int: the example's id; also the key the record is stored under (str(ex_id)).
+        "ex_id": ex_id,
+        # (H, W, 3) array with values 0-255 (any int or float dtype): the image the model saw.
+        "image": image,
+        # list[str]: the text tokens first, then the image tokens.
+        "tokens": tokens,
+        # int: how many of the tokens are text tokens (the rest are image tokens).
+        "txt_len": len(text_tokens),
+        # one (x, y) per image token: the patch's column and row in the patch grid, top-left (0, 0).
+        # Patches may be listed in any order; an image-side special token (e.g. ViLT's image
+        # "[CLS]") would have None.  Empty or None for a text-only example.
+        "img_coords": [(i % GRID_COLS, i // GRID_COLS) for i in range(GRID_ROWS * GRID_COLS)],
+        # (n_layers, n_heads, n_tokens, n_tokens): attention weights, rows = queries (each row
+        # sums to 1, as a softmax does), columns = keys.
+        "attention": softmax(rng.normal(size=(N_LAYERS, N_HEADS, n_tokens, n_tokens)) * 2).astype(np.float32),
+        # (n_layers + 1, n_tokens, hidden): hidden states before layer 1, then after each layer.
+        "hidden_states": rng.normal(size=(N_LAYERS + 1, n_tokens, HIDDEN)).astype(np.float32),
+        # optional bool: whether the model answered correctly (or None if unknown).
+        "accuracy": bool(ex_id % 2),
+        # optional {name: (n_layers, n_heads)}: per-head numbers of your own, shown with the
+        # built-in statistics.
+        "custom_metrics": {"random_metric": rng.random((N_LAYERS, N_HEADS))},
+        # optional: what the model predicted.
+        "prediction": {"answer": ["red", "blue", "green"][ex_id], "score": 0.5 + 0.1 * ex_id, "label": "red"},
+        # optional str: the raw input text.
+        "text": " ".join(words) + "?",
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="example_database1", help="database folder (re-created)")
+    args = parser.parse_args(argv)
+    building = args.out + ".building"
+    for path in (args.out, building):
+        if os.path.exists(path):
+            shutil.rmtree(path)
+    rng = np.random.default_rng(0)
+    data = [random_example(ex_id, rng) for ex_id in range(3)]
+
+    db = VliLmdb(db_dir=building, read_only=False)
+    for ex in data:
+        db[str(ex["ex_id"])] = pickle.dumps(ex, protocol=pickle.HIGHEST_PROTOCOL)
+    report = db.preprocess()
+    db.compact_copy(args.out)  # drop the free pages the raw pickles left behind
+    db.close()
+    shutil.rmtree(building)
+    return 0 if not report.failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

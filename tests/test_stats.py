@@ -1,0 +1,91 @@
+"""head_statistics against explicit loops, on examples with specials in the text and an unsorted grid."""
+import math
+
+import numpy as np
+import pytest
+
+from app.database.records import validate_record
+from app.database.stats import STATISTICS, head_statistics
+from helpers import make_record
+
+
+def loop_statistics(attention, txt_len, special):
+    """The documented definitions, one query and one key at a time."""
+    n_layers, n_heads, n, _ = attention.shape
+    text = [i for i in range(n) if i < txt_len and not special[i]]
+    image = [i for i in range(n) if i >= txt_len and not special[i]]
+    out = {key: np.full((n_layers, n_heads), np.nan) for key in STATISTICS}
+
+    def mean_mass(a, queries, keys_of):
+        if not queries:
+            return math.nan
+        total = 0.0
+        for q in queries:
+            total += sum(a[q, k] for k in keys_of(q))
+        return total / len(queries)
+
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            a = attention[layer, head]
+            both = bool(text) and bool(image)
+            out["txt2img"][layer, head] = mean_mass(a, text, lambda q: image) if both else math.nan
+            out["img2txt"][layer, head] = mean_mass(a, image, lambda q: text) if both else math.nan
+            out["txt2txt"][layer, head] = mean_mass(a, text, lambda q: text)
+            out["img2img"][layer, head] = mean_mass(a, image, lambda q: image)
+            out["img2img_nodiag"][layer, head] = mean_mass(a, image, lambda q: [k for k in image if k != q])
+            out["cross_modal"][layer, head] = (
+                mean_mass(a, text + image, lambda q: image if q in text else text) if both else math.nan)
+            out["intra_modal"][layer, head] = mean_mass(a, text + image, lambda q: text if q in text else image)
+    return out
+
+
+CASES = {
+    "specials in text, unsorted grid, image [CLS]": dict(
+        text_tokens=["[CLS]", "a", "[SEP]", "b", "[SEP]"], grid=(2, 3), shuffle_image=True, image_cls=True),
+    "plain": dict(n_text=3, grid=(1, 2)),
+    "text-only": dict(n_text=4, grid=None),
+    "image-only": dict(text_tokens=[], grid=(2, 2)),
+    "one image token": dict(n_text=3, grid=(1, 1)),
+    "only specials in text": dict(text_tokens=["[CLS]", "[SEP]"], grid=(2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_vectorised_statistics_match_loops(case):
+    record = validate_record(make_record(3, n_layers=3, n_heads=2, seed=5, **CASES[case]))
+    got = head_statistics(record.attention, record.txt_len, record.special)
+    want = loop_statistics(record.attention.astype(np.float64), record.txt_len, record.special)
+    assert list(got) == list(STATISTICS)
+    for key in STATISTICS:
+        assert got[key].shape == (3, 2) and got[key].dtype == np.float32
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_statistics_do_not_depend_on_the_input_order_of_patches():
+    kwargs = dict(text_tokens=["[CLS]", "a", "[SEP]"], grid=(2, 3), image_cls=True)
+    ordered = validate_record(make_record(1, **kwargs))
+    raw = make_record(1, **kwargs)
+    perm = [0, 1, 2, 3] + [4 + i for i in np.random.default_rng(0).permutation(6)]
+    shuffled = dict(raw, tokens=[raw["tokens"][i] for i in perm],
+                    img_coords=[raw["img_coords"][i - 3] for i in perm[3:]],
+                    attention=raw["attention"][:, :, perm][:, :, :, perm],
+                    hidden_states=raw["hidden_states"][:, perm])
+    a = head_statistics(ordered.attention, ordered.txt_len, ordered.special)
+    b = head_statistics(*(lambda r: (r.attention, r.txt_len, r.special))(validate_record(shuffled)))
+    for key in STATISTICS:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6)
+
+
+def test_missing_groups_give_nan_and_definitions_hold():
+    text_only = validate_record(make_record(0, n_text=4, grid=None))
+    stats = head_statistics(text_only.attention, text_only.txt_len, text_only.special)
+    for key in ("txt2img", "img2txt", "img2img", "img2img_nodiag", "cross_modal"):
+        assert np.isnan(stats[key]).all(), key
+    np.testing.assert_allclose(stats["intra_modal"], stats["txt2txt"], rtol=1e-6)
+    # raw attention, not renormalised: all mass on [CLS] gives zero everywhere
+    n = 6
+    attention = np.zeros((1, 1, n, n), np.float32)
+    attention[..., 0] = 1.0
+    special = np.array([True, False, False, False, False, False])
+    stats = head_statistics(attention, 3, special)
+    assert all(stats[key][0, 0] == 0 for key in STATISTICS)
