@@ -1,0 +1,110 @@
+"""What grows with the number of examples N: start-up, memory, interaction latency, nearest-token search.
+
+    python bench/scale.py [--sizes 100 1000 2000] [--reps 20] [--real-tsne] [--quick]
+
+For each N a database of N examples of a smaller shape (4 layers x 4 heads, 250 tokens, hidden 256;
+bench/make_db.py, t-SNE replaced by PCA unless --real-tsne: the maps' values do not change what
+the app costs) is built, then the real server (run_app.py) is started and measured:
+start-up (process start to the first 200 on GET /), resident memory (psutil RSS) after visiting
+min(N, 100) examples, the interaction cascades (bench/interactions.py's replay), and the
+nearest-token search (``db.nearest_other_modality`` called directly, median / p95 ms).
+--quick uses N = 20, 100, 200 and 5 repetitions.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import du_mb, machine, rss_mb, start_server, stats_ms  # noqa: E402
+from bench.interactions import Replayer, db_shape, measure  # noqa: E402
+from bench.make_db import build  # noqa: E402
+
+SHAPE = dict(layers=4, heads=4, text=40, grid=(14, 15), hidden=256, image=384)
+KEY = ["select another example", "click a text token", "box-select image patches", "click a head",
+       "move the t-SNE layer", "hover a t-SNE point", "open the attention matrix"]
+
+
+def nearest_cost(path: str, queries: int = 40, seed: int = 0) -> tuple[float, float]:
+    from app.database.database import VliLmdb
+
+    db = VliLmdb(path)
+    try:
+        rng = np.random.default_rng(seed)
+        ids = db.example_ids()
+        times = []
+        db.nearest_other_modality(ids[0], 0, 1)  # warm-up (projection)
+        while len(times) < queries:
+            ex = int(rng.choice(ids))
+            info = db.example(ex)
+            tok = int(rng.integers(0, info.n_tokens))
+            if info.special[tok]:
+                continue
+            layer = int(rng.integers(0, db.n_layers + 1))
+            t = time.perf_counter()
+            db.nearest_other_modality(ex, layer, tok)
+            times.append(time.perf_counter() - t)
+        return stats_ms(times)
+    finally:
+        db.close()
+
+
+def one_size(n: int, reps: int, real_tsne: bool, keep: str = "") -> dict:
+    path = keep or tempfile.mkdtemp(prefix=f"vli-bench-scale-{n}-")
+    t0 = time.perf_counter()
+    built = build(path, n, chunk=64, fast_tsne=not real_tsne, quiet=True, **SHAPE)
+    row = {"n": n, "build_s": time.perf_counter() - t0, "disk_mb_per_ex": built["disk_mb"] / n}
+    row["nn_med"], row["nn_p95"] = nearest_cost(path)
+    shape = db_shape(path)
+    server = start_server(path)
+    try:
+        row["startup_s"] = server.ready_seconds
+        row["rss_start_mb"] = rss_mb(server.proc.pid)
+        rep = Replayer(server.url)
+        rep.page_load()
+        for ex in shape["ex_ids"][:100]:
+            rep.interact({("example-select", "value"): ex})
+        rep.close()
+        row["rss_100_mb"] = rss_mb(server.proc.pid)
+        row["lat"] = {k: stats_ms([c.seconds for c in v]) for k, v in measure(server.url, shape, reps, only=KEY).items()}
+        row["rss_end_mb"] = rss_mb(server.proc.pid)
+    finally:
+        server.stop()
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 2000])
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--real-tsne", action="store_true", help="real t-SNE maps (much slower to build)")
+    p.add_argument("--quick", action="store_true", help="N = 20, 100, 200 and 5 repetitions")
+    args = p.parse_args(argv)
+    sizes, reps = ([20, 100, 200], 5) if args.quick else (args.sizes, args.reps)
+    print(f"machine: {machine()}")
+    print(f"shape: {SHAPE['layers']} layers x {SHAPE['heads']} heads, 250 tokens, hidden {SHAPE['hidden']}"
+          f"{'' if args.real_tsne else ' (PCA maps)'}; {reps} repetitions per interaction")
+    rows = []
+    for n in sizes:
+        row = one_size(n, reps, args.real_tsne)
+        rows.append(row)
+        print(f"N={n}: built in {row['build_s']:.0f} s, {row['disk_mb_per_ex']:.2f} MB/example", flush=True)
+    print(f"\n{'N':>6s} {'start s':>8s} {'RSS MB':>7s} {'RSS100':>7s} {'RSSend':>7s} {'nn med':>7s} {'nn p95':>7s}  "
+          + "  ".join(f"{k[:14]:>14s}" for k in KEY))
+    for r in rows:
+        lat = "  ".join(f"{r['lat'].get(k, (np.nan, np.nan))[0]:6.0f}/{r['lat'].get(k, (np.nan, np.nan))[1]:<7.0f}"
+                        for k in KEY)
+        print(f"{r['n']:6d} {r['startup_s']:8.2f} {r['rss_start_mb']:7.0f} {r['rss_100_mb']:7.0f} {r['rss_end_mb']:7.0f} "
+              f"{r['nn_med']:7.1f} {r['nn_p95']:7.1f}  {lat}")
+    print("(latencies: median/p95 ms of the whole cascade; RSS100 after visiting min(N, 100) examples; "
+          "nn: nearest_other_modality ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
