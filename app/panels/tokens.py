@@ -130,7 +130,7 @@ def register_callbacks(app, ctx):
                 raise PreventUpdate
             i = int(token_click["index"])
             return {"ex": ex_id, "tokens": [i]}, "text" if i < info.txt_len else "image", *stop
-        if trig == ids.IMAGE_GRAPH and "clickData" in dctx.triggered[0]["prop_id"]:
+        if trig == ids.IMAGE_GRAPH and f"{ids.IMAGE_GRAPH}.clickData" in dctx.triggered_prop_ids:
             tok = _token_from_point((img_click or {}).get("points", [{}])[0])
             if tok is None or tok < 0:
                 raise PreventUpdate
@@ -198,8 +198,8 @@ def register_callbacks(app, ctx):
         labels = figures.token_labels(info.tokens, info.coords)
         what = f"‘{labels[tokens[0]]}’" if len(tokens) == 1 else f"{len(tokens)} tokens (averaged)"
         title = [f"Attention from {what} — ", html.B(head_label(head_sel)),
-                 html.Span(" · text tinted by weight (hover for value); heatmap over the image",
-                           className="muted")]
+                 html.Span([" · text tint ", html.Span(className="tint-legend"), f" 0 – {scale:.3g}",
+                            " (hover a token for its value); heatmap over the image"], className="muted")]
         return store, patch, title
 
     app.clientside_callback(ClientsideFunction("vli", "tint"),
