@@ -136,15 +136,18 @@ def test_attention_matrix_figure_labels_and_values():
     assert list(fig.data[0].y) == ["3 a", "4 a"] and list(fig.data[0].x) == ["5 x", "6 y"]
 
 
-def test_thumbnail_png_is_small_png():
+def test_thumbnail_is_small_jpeg_with_the_patch_outlined():
     img = np.zeros((300, 200, 3), np.uint8)
-    png = figures.thumbnail_png(img, (1, 1), (3, 2))
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    jpeg = figures.thumbnail_jpeg(img, (1, 1), (3, 2))
+    assert jpeg[:3] == b"\xff\xd8\xff"
     from PIL import Image
     import io
-    im = Image.open(io.BytesIO(png))
+    im = Image.open(io.BytesIO(jpeg))
     assert max(im.size) == 128
-    assert im.getpixel((int(im.width * 0.75), int(im.height / 3) + 1))[0] == 214  # outline drawn
+    r, g, b = im.getpixel((int(im.width * 0.75), int(im.height / 3) + 1))  # on the outline
+    assert r > 150 and g < 100 and b < 100
+    r, g, b = im.getpixel((int(im.width * 0.25), int(im.height / 6)))  # another patch: untouched
+    assert r < 30
 
 
 def test_token_labels():

@@ -145,9 +145,9 @@ def register_callbacks(app, ctx):
         tok = point_token(pt, info)
         if tok is None:
             return False, no_update, no_update
-        png = figures.thumbnail_png(small_image(ex_id), info.coords[tok], info.grid)
+        jpeg = figures.thumbnail_jpeg(small_image(ex_id), info.coords[tok], info.grid)
         label = figures.token_labels(info.tokens, info.coords)[tok]
-        children = [html.Img(src="data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+        children = [html.Img(src="data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"),
                              className="thumb"), html.Div(label, className="thumb-label")]
         return True, pt["bbox"], children
 
