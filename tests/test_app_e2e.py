@@ -10,11 +10,7 @@ from app import figures, ids
 from app.server import create_app
 from conftest import GRID, N_LAYERS, browser_available
 
-pytestmark = [
-    pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver"),
-    # selenium 4.2 calls urllib3 2's deprecated HTTPResponse.getheader (harmless; fixed in selenium >= 4.3)
-    pytest.mark.filterwarnings("ignore:HTTPResponse.getheader:DeprecationWarning"),
-]
+pytestmark = pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver")
 
 GD = "document.getElementById('{}').querySelector('.js-plotly-plot')"
 
