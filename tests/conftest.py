@@ -6,6 +6,7 @@ matches /usr/bin/chromium). The options come from dash's ``pytest_setup_options`
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -25,12 +26,14 @@ def pytest_setup_options():
     """dash.testing hook: the ChromeOptions for dash_duo (a fresh profile per browser)."""
     from selenium.webdriver.chrome.options import Options
 
+    profile = tempfile.mkdtemp(prefix="vli-chromium-")
+    atexit.register(shutil.rmtree, profile, ignore_errors=True)
     options = Options()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--window-size=1440,900",
-                 f"--user-data-dir={tempfile.mkdtemp(prefix='vli-chromium-')}"):
+                 f"--user-data-dir={profile}"):
         options.add_argument(flag)
     return options  # pluggy collects hook results into the list dash.testing expects
 
