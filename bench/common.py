@@ -5,12 +5,15 @@ Nothing here asserts timings: the benchmarks print figures.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +25,13 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def scratch_dir(prefix: str) -> str:
+    """A temporary folder removed when the benchmark exits (benchmark databases take GBs)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def free_port() -> int:

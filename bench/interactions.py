@@ -41,14 +41,13 @@ from dataclasses import dataclass, field
 import argparse
 import os
 import sys
-import tempfile
 from typing import Any, Callable, Optional
 
 import numpy as np
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import machine, start_server, stats_ms  # noqa: E402
+from bench.common import machine, scratch_dir, start_server, stats_ms  # noqa: E402
 
 
 def stringify_id(cid: Any) -> str:
@@ -671,7 +670,7 @@ def chrome_driver(log_performance: bool = False):
     opts.binary_location = "/usr/bin/chromium"
     for f in CHROME_FLAGS:
         opts.add_argument(f)
-    opts.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='vli-bench-chromium-')}")
+    opts.add_argument(f"--user-data-dir={scratch_dir('vli-bench-chromium-')}")
     if log_performance:
         opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
@@ -817,7 +816,7 @@ def main(argv=None) -> int:
     if db is None:
         from bench.make_db import build
 
-        db = tempfile.mkdtemp(prefix="vli-bench-db-")
+        db = scratch_dir("vli-bench-db-")
         text, grid = (40, (14, 15)) if args.tokens == 250 else (60, (27, 20))
         n = min(args.n, 4) if args.quick else args.n
         t0 = time.perf_counter()

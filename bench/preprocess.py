@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import machine  # noqa: E402
+from bench.common import machine, scratch_dir  # noqa: E402
 from bench.make_db import build  # noqa: E402
 from bench.tsne_quality import sklearn_maps, trust  # noqa: E402
 
@@ -32,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2 examples, 3 maps of one example compared")
     args = p.parse_args(argv)
     n = 2 if args.quick else args.n
-    out = tempfile.mkdtemp(prefix="vli-bench-pre-")
+    out = scratch_dir("vli-bench-pre-")
     print(f"machine: {machine()}")
     from app.database.tsne import tsne_maps
     tsne_maps(np.random.default_rng(0).normal(size=(2, 20, 8)).astype(np.float32))  # import torch first

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import du_mb, machine, rss_mb, start_server, stats_ms  # noqa: E402
+from bench.common import machine, rss_mb, scratch_dir, start_server, stats_ms  # noqa: E402
 from bench.interactions import Replayer, db_shape, measure  # noqa: E402
 from bench.make_db import build  # noqa: E402
 
@@ -55,7 +54,7 @@ def nearest_cost(path: str, queries: int = 40, seed: int = 0) -> tuple[float, fl
 
 
 def one_size(n: int, reps: int, real_tsne: bool, keep: str = "") -> dict:
-    path = keep or tempfile.mkdtemp(prefix=f"vli-bench-scale-{n}-")
+    path = keep or scratch_dir(f"vli-bench-scale-{n}-")
     t0 = time.perf_counter()
     built = build(path, n, chunk=64, fast_tsne=not real_tsne, quiet=True, **SHAPE)
     row = {"n": n, "build_s": time.perf_counter() - t0, "disk_mb_per_ex": built["disk_mb"] / n}

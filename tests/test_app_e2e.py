@@ -119,7 +119,7 @@ def test_app_end_to_end(dash_duo, small_db):
     # Move the t-SNE slider to "before layer 1": the title changes.
     assert graph_js(dash_duo, ids.TSNE_GRAPH, "return gd.layout.title.text;").startswith(
         f"Hidden states after layer {N_LAYERS}")
-    thumb = dash_duo.find_element(f".layer-slider [role='slider']")
+    thumb = dash_duo.find_element(".layer-slider [role='slider']")
     thumb.click()
     thumb.send_keys(Keys.HOME)  # the slider's keyboard interface: Home = the first mark
     wait_until(lambda: (graph_js(dash_duo, ids.TSNE_GRAPH, "return gd.layout.title.text;") or "").startswith(
