@@ -5,9 +5,10 @@ database path). ``serve(db=..., model=None, params=(), allow_paths=False)`` retu
 for WSGI servers; gunicorn calls it as an application factory::
 
     gunicorn -w 4 -b 127.0.0.1:6006 'app.server:serve(db="example_database1")'
-    gunicorn -w 2 -b 127.0.0.1:6006 'app.server:serve(db="example_database2", model="vilt", params=["shapes_vqa/vilt-shapes"])'
+    gunicorn -w 1 --threads 8 -b 127.0.0.1:6006 'app.server:serve(db="example_database2", model="vilt", params=["shapes_vqa/vilt-shapes"])'
 
-(each worker opens the database read-only after the fork; a live model is loaded once per worker).
+(each worker opens the database after the fork). With a live model use one worker: "Add example"
+jobs live in the memory of the process that runs them, and the page polls that process for them.
 """
 from __future__ import annotations
 
