@@ -1,0 +1,245 @@
+"""The shapes VQA task: generator, processor, training script, held-out set and the bundled model.
+
+The last test is the "truth" test: the generator knows where it drew every shape, so we can check
+that the trained model's attention from a shape word lands on that shape's patches.
+"""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ViltForQuestionAnswering, ViltProcessor
+
+from shapes_vqa import make_heldout, scenes
+from shapes_vqa import train as shapes_train
+
+MODEL_DIR = shapes_train.DEFAULT_OUT
+HELDOUT = make_heldout.DEFAULT_OUT
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def test_masks_and_answers_agree_with_the_drawing():
+    for ex in scenes.generate(250, seed=7):
+        objs = ex.scene.objects
+        assert 1 <= len(objs) <= scenes.MAX_OBJECTS
+        assert ex.scene.image.shape == (scenes.SCENE_SIZE, scenes.SCENE_SIZE, 3)
+        assert ex.scene.image.dtype == np.uint8
+        union = np.zeros(ex.scene.image.shape[:2], dtype=int)
+        for o in objs:
+            x0, y0, x1, y1 = o.bbox
+            assert o.mask.sum() > 0.4 * (x1 - x0) * (y1 - y0)
+            outside = o.mask.copy()
+            outside[y0:y1, x0:x1] = False
+            assert not outside.any(), "mask leaks out of its bounding box"
+            union += o.mask
+            # the pixels under the mask are the object's colour (up to jitter and noise)
+            mean = ex.scene.image[o.mask].astype(float).mean(0)
+            assert np.abs(mean - scenes.COLORS[o.color]).max() < 25, (o, mean)
+        assert union.max() == 1, "shapes overlap"
+        # the answer, recomputed from the drawn objects alone
+        assert scenes.true_answer(ex.scene, ex.question) == ex.answer, ex.question
+        words = scenes.question_words(ex.question)
+        for w, i in ex.refs.items():
+            assert objs[i].shape == words[w]
+
+
+def test_each_shape_lies_inside_one_patch_cell():
+    cell = scenes.CELL
+    assert cell == shapes_train.PATCH_SIZE
+    for ex in scenes.generate(100, seed=8):
+        cells = []
+        for o in ex.scene.objects:
+            ys, xs = np.nonzero(o.mask)
+            assert xs.min() // cell == xs.max() // cell and ys.min() // cell == ys.max() // cell
+            cells.append((xs.min() // cell, ys.min() // cell))
+        assert len(set(cells)) == len(cells)
+
+
+def test_counts_are_counts_of_drawn_shapes():
+    exs = [e for e in scenes.generate(300, seed=11) if e.qtype == "count"]
+    assert len(exs) == 60
+    for ex in exs:
+        plural = scenes.question_words(ex.question)[2]
+        shape = {v: k for k, v in scenes.PLURALS.items()}[plural]
+        assert int(ex.answer) == sum(o.shape == shape for o in ex.scene.objects)
+    assert {e.answer for e in exs} == set(scenes.COUNT_ANSWERS)
+
+
+def test_generation_is_deterministic():
+    a, b, c = scenes.generate(15, seed=3), scenes.generate(15, seed=3), scenes.generate(15, seed=4)
+    for x, y in zip(a, b):
+        assert x.question == y.question and x.answer == y.answer
+        assert np.array_equal(x.scene.image, y.scene.image)
+        assert [o.bbox for o in x.scene.objects] == [o.bbox for o in y.scene.objects]
+    assert any(not np.array_equal(x.scene.image, z.scene.image) for x, z in zip(a, c))
+
+
+def test_types_and_answers_are_balanced():
+    exs = scenes.generate(2000, seed=5)
+    assert Counter(e.qtype for e in exs) == {q: 400 for q in scenes.QUESTION_TYPES}
+    for qtype in scenes.QUESTION_TYPES:
+        counts = Counter(e.answer for e in exs if e.qtype == qtype)
+        expected = 400 / len(counts)
+        assert all(abs(c - expected) < 0.4 * expected for c in counts.values()), (qtype, counts)
+
+
+# --------------------------------------------------------------------------- processor / training
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return shapes_train.build_processor()
+
+
+def test_tokenizer_has_one_token_per_word(processor):
+    for ex in scenes.generate(100, seed=9):
+        ids = processor.tokenizer(ex.question)["input_ids"]
+        tokens = processor.tokenizer.convert_ids_to_tokens(ids)
+        assert tokens == ["[CLS]"] + scenes.question_words(ex.question) + ["[SEP]"]
+        assert len(ids) <= shapes_train.TRAIN_TEXT_LEN
+
+
+def test_processor_keeps_the_scene_size(processor):
+    exs = scenes.generate(4, seed=1)
+    images = np.stack([e.scene.image for e in exs])
+    enc = processor(images=list(images), text=[e.question for e in exs], padding=True,
+                    return_tensors="pt")
+    size = scenes.SCENE_SIZE
+    assert enc["pixel_values"].shape == (4, 3, size, size)
+    assert bool(enc["pixel_mask"].all())
+    # exactly what the training loop feeds the model
+    mine = shapes_train.pixel_values(torch.from_numpy(images))
+    assert torch.allclose(enc["pixel_values"].float(), mine, atol=1e-5)
+
+
+def test_quick_training_run_saves_a_loadable_model(tmp_path):
+    report = shapes_train.main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "model.safetensors").exists()
+    assert set(report["accuracy"]) == {"all", *scenes.QUESTION_TYPES}
+    model = ViltForQuestionAnswering.from_pretrained(tmp_path)
+    ViltProcessor.from_pretrained(tmp_path)
+    assert model.config.id2label[0] == scenes.ANSWERS[0]
+    assert model.config.num_labels == len(scenes.ANSWERS)
+
+
+# --------------------------------------------------------------------------- held-out set
+
+
+def _pairs():
+    return [json.loads(line) for line in (HELDOUT / "pairs.jsonl").read_text().splitlines()]
+
+
+def test_heldout_folder_matches_the_generator():
+    pairs = _pairs()
+    assert len(pairs) >= 24
+    exs = make_heldout.examples(len(pairs))
+    assert {e.qtype for e in exs} == set(scenes.QUESTION_TYPES)
+    for pair, ex in zip(pairs, exs):
+        assert set(pair) == {"image", "text", "label"}
+        assert (pair["text"], pair["label"]) == (ex.question, ex.answer)
+        png = np.asarray(Image.open(HELDOUT / pair["image"]).convert("RGB"))
+        assert np.array_equal(png, ex.scene.image)
+
+
+# --------------------------------------------------------------------------- bundled model
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    assert (MODEL_DIR / "model.safetensors").exists(), "run python -m shapes_vqa.train"
+    return (ViltProcessor.from_pretrained(MODEL_DIR),
+            ViltForQuestionAnswering.from_pretrained(MODEL_DIR).eval())
+
+
+def test_bundled_model_is_small():
+    size = sum(f.stat().st_size for f in MODEL_DIR.iterdir())
+    assert size < 15e6
+
+
+def test_bundled_model_answers_heldout_questions(bundled):
+    processor, model = bundled
+    pairs = _pairs()
+    images = [Image.open(HELDOUT / p["image"]).convert("RGB") for p in pairs]
+    enc = processor(images=images, text=[p["text"] for p in pairs], padding=True,
+                    return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(-1).tolist()
+    right = np.array([model.config.id2label[i] == p["label"] for i, p in zip(pred, pairs)])
+    wrong = [(p["text"], p["label"]) for p, r in zip(pairs, right) if not r]
+    # ~81 % on 1000 held-out questions; colour and shape questions are ~95 %, position ~55 %
+    assert right.mean() >= 0.7, wrong
+    types = np.array([e.qtype for e in make_heldout.examples(len(pairs))])
+    assert right[np.isin(types, ["color", "shape"])].mean() >= 0.9, wrong
+
+
+# --------------------------------------------------------------------------- the truth test
+
+PATCH = shapes_train.PATCH_SIZE
+MIN_COVER = 0.05  # a patch "covers" a shape when >= 5 % of its pixels are the shape's
+TRUTH_HIT_RATE = 0.75  # the bundled model reaches about 0.8 (see the report in the commit)
+
+
+def _covered_patches(mask: np.ndarray) -> set[tuple[int, int]]:
+    """(x, y) patch coordinates whose patch holds at least MIN_COVER of the shape's pixels."""
+    rows, cols = mask.shape[0] // PATCH, mask.shape[1] // PATCH
+    frac = mask[: rows * PATCH, : cols * PATCH].reshape(rows, PATCH, cols, PATCH).mean((1, 3))
+    return {(x, y) for y in range(rows) for x in range(cols) if frac[y, x] >= MIN_COVER}
+
+
+@pytest.fixture(scope="module")
+def truth_records(tmp_path_factory):
+    """Run the project's live ViLT adapter on scenes whose questions name one shape."""
+    from app.database.models.vilt import Vilt
+
+    model = Vilt(str(MODEL_DIR))
+    folder = tmp_path_factory.mktemp("truth")
+    exs = [e for e in scenes.generate(100, seed=123) if e.qtype in ("color", "position")]
+    out = []
+    for i, ex in enumerate(exs):
+        path = folder / f"{i}.png"
+        Image.fromarray(ex.scene.image).save(path)
+        out.append((ex, model.data_setup(i, str(path), ex.question)))
+    return out
+
+
+def test_named_shape_word_attends_to_its_shape(truth_records):
+    """For every shape word that names one object ("what color is the *circle*?", both shapes of a
+    position question): the share of the word's image attention (over patches, image [CLS]
+    excluded, per layer and head) on the patches covering that object, against a control: the
+    same share on as many randomly chosen empty patches."""
+    rng = np.random.default_rng(0)
+    shares, controls = [], []  # (n_refs, L, H) each
+    for ex, rec in truth_records:
+        txt_len, tokens, coords = rec["txt_len"], rec["tokens"], rec["img_coords"]
+        patch_cols = [txt_len + k for k, c in enumerate(coords) if c is not None]
+        patch_xy = [c for c in coords if c is not None]
+        assert len(patch_cols) == (scenes.SCENE_SIZE // PATCH) ** 2
+        words = scenes.question_words(ex.question)
+        assert tokens[1:1 + len(words)] == words
+        occupied = set().union(*(_covered_patches(o.mask) for o in ex.scene.objects))
+        empty = np.flatnonzero([xy not in occupied for xy in patch_xy])
+        for w, obj in ex.refs.items():
+            covered = _covered_patches(ex.scene.objects[obj].mask)
+            on = np.array([xy in covered for xy in patch_xy])
+            att = rec["attention"][:, :, 1 + w, patch_cols]  # (L, H, n_patches)
+            att = att / att.sum(-1, keepdims=True)
+            shares.append(att[..., on].sum(-1))
+            control = rng.choice(empty, size=int(on.sum()), replace=False)
+            controls.append(att[..., control].sum(-1))
+    shares, controls = np.stack(shares), np.stack(controls)
+    assert len(shares) >= 30
+    hit = shares.max(axis=(1, 2)) > 0.5
+    control_hit = controls.max(axis=(1, 2)) > 0.5
+    # most named shapes get > 50 % of the word's image attention in at least one head ...
+    assert hit.mean() >= TRUTH_HIT_RATE, (hit.mean(), np.round(shares.max(axis=(1, 2)), 2))
+    # ... which empty patches of the same size (almost) never get
+    assert control_hit.mean() <= 0.05, control_hit.mean()
+    # and the best single head puts, on average, many times the uniform share on the shape
+    uniform = 1 / len(patch_cols)
+    assert shares.mean(0).max() > 5 * uniform, np.round(shares.mean(0), 2)
