@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one case, ours only, under a minute")
     args = ap.parse_args()
 
-    tsne_maps(noise_hidden(2, 20, 8))  # import torch and warm up outside the timings
+    tsne_maps(noise_hidden(2, 20, 8))  # compile or load the numba kernels outside the timings
     if args.quick:
         cases = [("clustered", clustered_hidden(n=250)[::3])]
         methods = {"ours": tsne_maps}

@@ -82,14 +82,3 @@ def test_consecutive_maps_share_orientation():
     # Nearly identical layers give nearly identical maps (up to scale; aligned, not rotated or mirrored).
     for axis in range(2):
         assert np.corrcoef(y[0][:, axis], y[1][:, axis])[0, 1] > 0.9
-
-
-def test_large_maps_go_through_in_groups(monkeypatch):
-    import app.database.tsne as tsne
-
-    monkeypatch.setattr(tsne, "_MAX_BATCH_PAIRS", 2 * 60 * 60)  # two maps per group
-    x, labels = clusters(n_maps=5, n=60, k=3)
-    y = tsne.tsne_maps(x)
-    assert y.shape == (5, 60, 2)
-    for m in y:
-        assert KNeighborsClassifier(n_neighbors=5).fit(m, labels).score(m, labels) > 0.97

@@ -4,9 +4,26 @@
 exact method: early exaggeration, momentum, per-parameter gains) with numba kernels that handle
 one map per thread: the maps are independent, so the result is the same whatever the thread count.
 
-Why this method (measured on the 2-core development machine, 13 maps x 250 points x 768 dims):
+Why this method (measured on the 2-core development machine, 13 maps x 250 points x 768 dims,
+another process busy on one core):
 
-TABLE
+| method                                   | time, 13 maps     | trustworthiness vs sklearn (k=5)  |
+|------------------------------------------|-------------------|-----------------------------------|
+| sklearn TSNE() default (Barnes-Hut)      | 1.26 s per map    | reference                         |
+| openTSNE 1.0.4, FFT / Barnes-Hut, 2 jobs | 3.8 / 1.7 s/map   | -0.067 on a noise map             |
+| previous batched torch version, 600 it.  | 5.9 s, one core   | about as below                    |
+| this module, 400 iterations (100 early)  | 0.50 s one thread | clustered: mean +0.000, worst     |
+|                                          | 0.32 s two        | -0.004; Gaussian noise: mean      |
+|                                          | (600 pts: 2.4 s)  | -0.004, worst -0.030              |
+
+Iterations (clustered / noise, mean and worst difference to sklearn): 600: +0.000 -0.003 /
++0.004 -0.048; 500: +0.000 -0.001 / -0.002 -0.043; 400: +0.000 -0.004 / -0.004 -0.030; 300:
++0.000 -0.004 / -0.015 -0.032. 300 keeps within 0.02 on average but with little margin, so 400.
+The exact O(n^2) gradient sums full rows (each pair twice) in float32: with no scattered writes
+LLVM vectorises it (8 pairs per AVX2 instruction), about 2x faster than using the symmetry with
+scalar code. Precisions come from a safeguarded Newton search (about 5 passes per point instead of
+~25 for bisection). The learning rate is sklearn's "auto" one (larger ones converged worse on noise).
+First call compiles the kernels (about 24 s), then they load from numba's cache (about 1 s).
 
 torch is not used; numba compiles the kernels on the first call (cached next to this module, or in
 numba's user cache directory where that is not writable).
@@ -15,7 +32,9 @@ numba's user cache directory where that is not writable).
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 from numba import njit, prange
+from threadpoolctl import threadpool_limits
 
 PERPLEXITY = 30.0
 EARLY_EXAGGERATION = 12.0
@@ -30,8 +49,8 @@ def tsne_maps(
     hidden: np.ndarray,
     seed: int = 0,
     *,
-    n_iter: int = 600,
-    n_early: int = 150,
+    n_iter: int = 400,
+    n_early: int = 100,
     learning_rate: float | None = None,
 ) -> np.ndarray:
     """Embed each map's points in 2-D.
@@ -56,8 +75,11 @@ def tsne_maps(
 
     xc = x.astype(np.float64)
     xc -= xc.mean(axis=1, keepdims=True)
-    gram = np.ascontiguousarray(xc @ xc.transpose(0, 2, 1))
-    init = _pca_init(gram)
+    # One BLAS thread: the same rounding whatever the machine's thread settings, and no stalls at
+    # BLAS barriers on a busy machine (these are small matrices).
+    with threadpool_limits(1, user_api="blas"):
+        gram = np.ascontiguousarray(xc @ xc.transpose(0, 2, 1))
+        init = _pca_init(gram)
     init /= np.maximum(init[:, :, :1].std(axis=1, keepdims=True), _TINY)
     if n < 4:
         y = init
@@ -68,7 +90,8 @@ def tsne_maps(
         lr = learning_rate if learning_rate is not None else max(n / EARLY_EXAGGERATION / 4, 50.0)
         p = _joint_probabilities(gram, np.log(perplexity)).astype(np.float32)
         y = _optimise(p, np.ascontiguousarray(y), n_iter, n_early, lr, EARLY_EXAGGERATION)
-    return _align_to_previous(y).astype(np.float32)
+    with threadpool_limits(1, user_api="blas"):
+        return _align_to_previous(y).astype(np.float32)
 
 
 def _pca_init(gram: np.ndarray) -> np.ndarray:
@@ -77,8 +100,11 @@ def _pca_init(gram: np.ndarray) -> np.ndarray:
     Signs fixed deterministically: each component's entry of largest magnitude is positive
     (ties: the first one).
     """
-    vals, vecs = np.linalg.eigh(gram)  # ascending
-    comps = vecs[:, :, -2:][:, :, ::-1] * np.sqrt(np.maximum(vals[:, -2:][:, ::-1], 0))[:, None, :]
+    n = gram.shape[1]
+    comps = np.empty(gram.shape[:2] + (2,))
+    for m, g in enumerate(gram):
+        vals, vecs = scipy.linalg.eigh(g, subset_by_index=[n - 2, n - 1], driver="evr")  # ascending
+        comps[m] = vecs[:, ::-1] * np.sqrt(np.maximum(vals[::-1], 0.0))
     idx = np.abs(comps).argmax(axis=1)[:, None, :]
     sign = np.sign(np.take_along_axis(comps, idx, axis=1))
     sign[sign == 0] = 1
@@ -90,7 +116,7 @@ def _joint_probabilities(gram, target_entropy):
     """Symmetric t-SNE input affinities P, (B, n, n) from Gram matrices; each map's P sums to 1.
 
     Conditional Gaussians over squared Euclidean distances, each point's precision found by a
-    bisection in log space until the entropy is within 1e-5 of log(perplexity). Each row's
+    safeguarded Newton search in log space until the entropy is within 1e-5 of log(perplexity). Each row's
     distances are shifted by the nearest one and scaled by their mean (the conditional
     distribution is invariant to the shift), so one bracket of precisions fits all points.
     """
@@ -114,24 +140,31 @@ def _joint_probabilities(gram, target_entropy):
             scale = max(total / (n - 1), _TINY)
             for j in range(n):
                 d[j] /= scale
-            lo, hi = -20.0, 20.0
+            # Safeguarded Newton on H(t), beta = exp(t): dH/dt = -beta^2 Var_w(d); bisection when
+            # a step would leave the bracket [lo, hi] that holds the root.
+            lo, hi, t = -20.0, 20.0, 0.0
             beta, sw = 1.0, 1.0
             for _ in range(64):
-                beta = np.exp((lo + hi) / 2)
-                sw, swd = 0.0, 0.0
+                beta = np.exp(t)
+                sw, swd, swdd = 0.0, 0.0, 0.0
                 for j in range(n):
                     if j != i:
                         w = np.exp(-d[j] * beta)
                         sw += w
                         swd += w * d[j]
+                        swdd += w * d[j] * d[j]
                 # The nearest neighbour has w = 1, so sw >= 1.
-                entropy = np.log(sw) + beta * swd / sw
-                if abs(entropy - target_entropy) < 1e-5:
+                mean = swd / sw
+                error = np.log(sw) + beta * mean - target_entropy
+                if abs(error) < 1e-5:
                     break
-                if entropy > target_entropy:  # too flat: precision must grow
-                    lo = (lo + hi) / 2
+                if error > 0.0:  # too flat: precision must grow
+                    lo = t
                 else:
-                    hi = (lo + hi) / 2
+                    hi = t
+                slope = beta * beta * max(swdd / sw - mean * mean, 0.0)
+                step = t + error / slope if slope > 0.0 else lo - 1.0
+                t = step if lo < step < hi else (lo + hi) / 2
             for j in range(n):
                 c[i, j] = 0.0 if j == i else np.exp(-d[j] * beta) / sw
         # Rows sum to 1, so the symmetrised matrix sums to 2n.
