@@ -297,3 +297,28 @@ def test_unnormalised_attention_and_compact_copy(tmp_path):
         assert copy.example_ids() == [0, 1]
         np.testing.assert_allclose(copy.attention(1, 0, 1, [0, 4]), tiny["attention"][0, 1, [0, 4]].mean(0),
                                    rtol=2e-3)
+
+
+def test_preprocess_gives_back_the_space_of_the_raw_records(tmp_path):
+    """LMDB never shrinks its file; preprocess() rewrites it compacted once the raw pickles are gone."""
+    path = tmp_path / "db"
+    db = VliLmdb(path, read_only=False)
+    records = [make_record(i, n_text=6, grid=(6, 6), n_layers=4, n_heads=4, hidden=256) for i in range(6)]
+    for record in records:
+        db[str(record["ex_id"])] = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+    with_raw_records = os.path.getsize(path / "data.mdb")
+    report = db.preprocess(progress=False)
+    assert report.added == list(range(6)) and "compact" in report.stage_seconds
+    db.compact_copy(tmp_path / "copy")
+    size = os.path.getsize(path / "data.mdb")
+    assert size <= 1.1 * os.path.getsize(tmp_path / "copy" / "data.mdb")
+    assert size < with_raw_records
+    assert not os.path.exists(path / "compacting.tmp")
+    # still the same database, readable and writable
+    np.testing.assert_allclose(db.tsne(3, 2).shape, (6 + 36, 2))
+    db[str(6)] = pickle.dumps(make_record(6, n_text=6, grid=(6, 6), n_layers=4, n_heads=4, hidden=256))
+    assert db.preprocess(progress=False).added == [6]
+    db.close()
+    with VliLmdb(path) as ro:
+        assert ro.example_ids() == list(range(7))
+        assert ro.attention(5, 1, 0, [0]).shape == (42,)
