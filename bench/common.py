@@ -149,6 +149,17 @@ def rss_mb(pid: int, children: bool = True) -> float:
     return total / 2**20
 
 
+def anon_mb(pid: int) -> float:
+    """The process's own memory (RssAnon of /proc/PID/status), in MB. Unlike RSS, it leaves out the
+    pages of the memory-mapped database, which belong to the OS page cache (and, with the large page
+    cache folios of recent kernels, grow by up to a MB for each small value read)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def stats_ms(seconds: Sequence[float]) -> tuple[float, float]:
     """(median, p95) in milliseconds."""
     a = np.asarray(seconds, dtype=np.float64) * 1000.0

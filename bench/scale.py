@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import machine, rss_mb, scratch_dir, start_server, stats_ms  # noqa: E402
+from bench.common import anon_mb, machine, rss_mb, scratch_dir, start_server, stats_ms  # noqa: E402
 from bench.interactions import Replayer, db_shape, measure  # noqa: E402
 from bench.make_db import build  # noqa: E402
 
@@ -63,13 +63,13 @@ def one_size(n: int, reps: int, real_tsne: bool, keep: str = "") -> dict:
     server = start_server(path)
     try:
         row["startup_s"] = server.ready_seconds
-        row["rss_start_mb"] = rss_mb(server.proc.pid)
+        row["rss_start_mb"], row["anon_start_mb"] = rss_mb(server.proc.pid), anon_mb(server.proc.pid)
         rep = Replayer(server.url)
         rep.page_load()
         for ex in shape["ex_ids"][:100]:
             rep.interact({("example-select", "value"): ex})
         rep.close()
-        row["rss_100_mb"] = rss_mb(server.proc.pid)
+        row["rss_100_mb"], row["anon_100_mb"] = rss_mb(server.proc.pid), anon_mb(server.proc.pid)
         row["lat"] = {k: stats_ms([c.seconds for c in v]) for k, v in measure(server.url, shape, reps, only=KEY).items()}
         row["rss_end_mb"] = rss_mb(server.proc.pid)
     finally:
@@ -93,14 +93,16 @@ def main(argv=None) -> int:
         row = one_size(n, reps, args.real_tsne)
         rows.append(row)
         print(f"N={n}: built in {row['build_s']:.0f} s, {row['disk_mb_per_ex']:.2f} MB/example", flush=True)
-    print(f"\n{'N':>6s} {'start s':>8s} {'RSS MB':>7s} {'RSS100':>7s} {'RSSend':>7s} {'nn med':>7s} {'nn p95':>7s}  "
+    print(f"\n{'N':>6s} {'start s':>8s} {'RSS MB':>7s} {'RSS100':>7s} {'RSSend':>7s} {'own':>5s} {'own100':>6s} {'nn med':>7s} {'nn p95':>7s}  "
           + "  ".join(f"{k[:14]:>14s}" for k in KEY))
     for r in rows:
         lat = "  ".join(f"{r['lat'].get(k, (np.nan, np.nan))[0]:6.0f}/{r['lat'].get(k, (np.nan, np.nan))[1]:<7.0f}"
                         for k in KEY)
         print(f"{r['n']:6d} {r['startup_s']:8.2f} {r['rss_start_mb']:7.0f} {r['rss_100_mb']:7.0f} {r['rss_end_mb']:7.0f} "
+              f"{r['anon_start_mb']:5.0f} {r['anon_100_mb']:6.0f} "
               f"{r['nn_med']:7.1f} {r['nn_p95']:7.1f}  {lat}")
     print("(latencies: median/p95 ms of the whole cascade; RSS100 after visiting min(N, 100) examples; "
+          "own: the server's own memory (RssAnon), without the mapped database pages; "
           "nn: nearest_other_modality ms)")
     return 0
 
