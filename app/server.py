@@ -141,14 +141,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = None
     if args.model:
         name, params = args.model[0], args.model[1:]
-        print(f"Loading model {name} {' '.join(params)} ...", file=sys.stderr, flush=True)
-        t1 = time.perf_counter()
-        try:
+        try:  # load_model prints its own progress lines
             model = _load_model(name, params)
         except Exception as e:  # ModelLoadError, or anything the model's constructor raised
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             return _fail(f"cannot load model {name}: {msg}" if type(e).__name__ != "ModelLoadError" else msg)
-        print(f"  model ready ({time.perf_counter() - t1:.1f} s)", file=sys.stderr, flush=True)
         db.close()
         try:
             db = open_database(args.database, writable=True)
