@@ -113,7 +113,6 @@ class JobRunner:
             record = run_data_setup(self.model, ex_id, image_path, text, label=label)
             self._set(job_id, PREPROCESSING, f"preprocessing example {ex_id}…", ex_id)
             stored = self.db.add_record(record)
-            stored = ex_id if stored is None else int(stored)
             self._set(job_id, DONE, f"example {stored} added", stored)
         except Exception as error:  # noqa: BLE001 - every failure is reported to the page
             log.warning("add example failed: %s", error, exc_info=True)

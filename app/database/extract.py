@@ -90,7 +90,7 @@ def _save_runs(out: str, runs: dict) -> None:
 def _existing_text(db, ex_id: int):
     try:
         return db.example(ex_id).text
-    except Exception:  # noqa: BLE001 - treat an unreadable example as "not ours"
+    except KeyError:  # not stored yet
         return None
 
 
