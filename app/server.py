@@ -30,17 +30,21 @@ TITLE = "VL-InterpreT"
 
 
 def _layout(ctx: AppContext, add_panel) -> html.Div:
+    """The page, with the first example already drawn in it: the browser draws each figure once,
+    as soon as plotly.js is loaded, instead of waiting for a wave of callbacks to fill them (the
+    callbacks that would draw an example do not fire on page load)."""
     db = ctx.db
-    n = len(db.example_ids())
+    ex_ids = db.example_ids()
+    first = ex_ids[0] if ex_ids else None
     header = html.Header([
-        html.Div([html.H1(TITLE), html.Span(f"{n} examples · {db.n_layers} layers × {db.n_heads} heads",
+        html.Div([html.H1(TITLE), html.Span(f"{len(ex_ids)} examples · {db.n_layers} layers × {db.n_heads} heads",
                                             className="muted")], className="brand"),
-        example.layout(ctx),
+        example.layout(ctx, first),
     ], className="topbar")
-    left = [heads.layout(ctx)] + ([add_panel.layout(ctx)] if add_panel is not None else [])
+    left = [heads.layout(ctx, first)] + ([add_panel.layout(ctx)] if add_panel is not None else [])
     grid = html.Main([html.Div(left, className="col col-left"),
-                      html.Div(tokens.layout(ctx), className="col col-mid"),
-                      html.Div(hidden.layout(ctx), className="col col-right")], className="grid")
+                      html.Div(tokens.layout(ctx, first), className="col col-mid"),
+                      html.Div(hidden.layout(ctx, first), className="col col-right")], className="grid")
     return html.Div([header, grid], className="app")
 
 

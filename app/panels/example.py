@@ -12,15 +12,16 @@ def example_options(db) -> list[dict]:
     return [{"label": f"Example {i}", "value": i} for i in db.example_ids()]
 
 
-def layout(ctx):
-    ex_ids = ctx.db.example_ids()
+def layout(ctx, ex_id):
+    """The selector showing ``ex_id`` (the page opens on it; see server._layout)."""
     return html.Div([
         html.Button("◀", id=ids.EXAMPLE_PREV, title="previous example", className="nav-btn"),
         dcc.Dropdown(id=ids.EXAMPLE_SELECT, options=example_options(ctx.db),
-                     value=ex_ids[0] if ex_ids else None, clearable=False, searchable=True,
+                     value=ex_id, clearable=False, searchable=True,
                      placeholder="No examples in this database", className="example-dropdown"),
         html.Button("▶", id=ids.EXAMPLE_NEXT, title="next example", className="nav-btn"),
-        html.Div(id=ids.PREDICTION, className="prediction"),
+        html.Div(id=ids.PREDICTION, className="prediction",
+                 children=None if ex_id is None else prediction_children(ctx.db.example(ex_id))),
     ], className="example-bar")
 
 
@@ -60,7 +61,8 @@ def register_callbacks(app, ctx):
             return ex_ids[0]
         return ex_ids[(pos + step) % len(ex_ids)]
 
-    @app.callback(Output(ids.PREDICTION, "children"), Input(ids.EXAMPLE_SELECT, "value"))
+    @app.callback(Output(ids.PREDICTION, "children"), Input(ids.EXAMPLE_SELECT, "value"),
+                  prevent_initial_call=True)
     def show_prediction(ex_id):
         if ex_id is None:
             return no_update

@@ -25,13 +25,17 @@ def statistic_label(name: str) -> str:
     return STATISTICS[name][0] if name in STATISTICS else name
 
 
-def default_head(db) -> dict:
-    return {"layer": db.n_layers - 1, "head": None}
+def default_head(db):
+    """The last layer's mean of heads (None for a database with no examples yet)."""
+    return {"layer": db.n_layers - 1, "head": None} if db.n_layers else None
 
 
-def layout(ctx):
+def layout(ctx, ex_id):
     opts = statistic_options(ctx.db)
     first = opts[0]["value"] if opts else None
+    head = default_head(ctx.db)
+    figure, help_text = summary_view(ctx.db, ex_id, first, False, head) if ex_id is not None and first \
+        else (None, statistic_help(first) if first else "")
     return panel(
         "Head summary", "One number per layer and head for this example; click a cell to show that "
         "head's attention (or a layer's “mean” cell for the mean over its heads).",
@@ -41,12 +45,31 @@ def layout(ctx):
             dcc.Checklist(id=ids.HEAD_ZSCORE, options=[{"label": " z-score", "value": "z"}], value=[],
                           className="zscore-toggle", inputClassName="zscore-input"),
         ], className="controls"),
-        html.P(statistic_help(first) if first else "", id=ids.HEAD_STAT_HELP, className="help stat-help"),
+        html.P(help_text, id=ids.HEAD_STAT_HELP, className="help stat-help"),
         dcc.Graph(id=ids.HEAD_GRAPH, config={"displayModeBar": False}, className="head-graph",
-                  style={"height": "var(--head-graph-height)"}),
-        html.Div(id=ids.HEAD_TITLE, className="selected-head"),
-        dcc.Store(id=ids.HEAD_STORE, data=default_head(ctx.db)),
+                  style={"height": "var(--head-graph-height)"}, **({"figure": figure} if figure else {})),
+        html.Div(head_title(head) if head else None, id=ids.HEAD_TITLE, className="selected-head"),
+        dcc.Store(id=ids.HEAD_STORE, data=head),
         class_name="panel-heads")
+
+
+def summary_view(db, ex_id: int, stat: str, z: bool, head_sel) -> tuple:
+    """The head summary figure of one statistic of an example, and the statistic's help line."""
+    values = db.head_statistics(ex_id).get(stat)
+    note = ""
+    if values is None:
+        values = np.full((db.n_layers, db.n_heads), np.nan, dtype=np.float32)
+        note = " (not recorded for this example)"
+    fig = figures.head_summary_figure(values, statistic_label(stat), z_scored=z,
+                                      selected=(head_sel["layer"], head_sel["head"]) if head_sel else None)
+    help_text = statistic_help(stat) + note
+    if z:
+        help_text += "; z-scored over all heads of this example"
+    return fig, help_text
+
+
+def head_title(head_sel) -> list:
+    return ["Selected: ", html.B(head_label(head_sel))]
 
 
 def register_callbacks(app, ctx):
@@ -54,23 +77,11 @@ def register_callbacks(app, ctx):
 
     @app.callback(Output(ids.HEAD_GRAPH, "figure"), Output(ids.HEAD_STAT_HELP, "children"),
                   Input(ids.EXAMPLE_SELECT, "value"), Input(ids.HEAD_STAT, "value"),
-                  Input(ids.HEAD_ZSCORE, "value"), State(ids.HEAD_STORE, "data"))
+                  Input(ids.HEAD_ZSCORE, "value"), State(ids.HEAD_STORE, "data"), prevent_initial_call=True)
     def draw_heads(ex_id, stat, zs, head_sel):
         if ex_id is None or stat is None:
             raise PreventUpdate
-        stats = db.head_statistics(ex_id)
-        values = stats.get(stat)
-        note = ""
-        if values is None:
-            values = np.full((db.n_layers, db.n_heads), np.nan, dtype=np.float32)
-            note = " (not recorded for this example)"
-        z = bool(zs)
-        fig = figures.head_summary_figure(values, statistic_label(stat), z_scored=z,
-                                          selected=(head_sel["layer"], head_sel["head"]) if head_sel else None)
-        help_text = statistic_help(stat) + note
-        if z:
-            help_text += "; z-scored over all heads of this example"
-        return fig, help_text
+        return summary_view(db, ex_id, stat, bool(zs), head_sel)
 
     @app.callback(Output(ids.HEAD_STORE, "data"), Output(ids.HEAD_GRAPH, "figure", allow_duplicate=True),
                   Input(ids.HEAD_GRAPH, "clickData"), prevent_initial_call=True)
@@ -84,8 +95,8 @@ def register_callbacks(app, ctx):
         patch["layout"]["shapes"] = [figures.head_selection_shape(layer, head, db.n_heads)]
         return {"layer": layer, "head": head}, patch
 
-    @app.callback(Output(ids.HEAD_TITLE, "children"), Input(ids.HEAD_STORE, "data"))
+    @app.callback(Output(ids.HEAD_TITLE, "children"), Input(ids.HEAD_STORE, "data"), prevent_initial_call=True)
     def show_head(head_sel):
         if not head_sel:
             return no_update
-        return ["Selected: ", html.B(head_label(head_sel))]
+        return head_title(head_sel)

@@ -10,18 +10,21 @@ import base64
 from functools import lru_cache
 
 import numpy as np
-from dash import Input, Output, Patch, State, dcc, html, no_update
+from dash import Input, Output, Patch, State, ctx as dctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from app import figures, ids
 from app.panels.common import head_label, panel
 
+NEIGHBOR_HINT = "Select a token to find its closest token of the other modality."
 MATRIX_KINDS = [{"label": "text → text", "value": "tt"}, {"label": "image → image", "value": "ii"},
                 {"label": "full", "value": "full"}]
 
 
-def layout(ctx):
-    n_layers = ctx.db.n_layers
+def layout(ctx, ex_id):
+    """The tabs, the t-SNE map of ``ex_id``'s last layer shown (None: an empty database)."""
+    n_layers = ctx.db.n_layers or 0  # 0: no examples yet
+    figure, ready = tsne_view(ctx.db, ex_id, n_layers) if ex_id is not None else (None, None)
     marks = {0: "emb"}
     marks.update({l: str(l) for l in range(1, n_layers + 1) if n_layers <= 12 or l % 2 == 0 or l == n_layers})
     tsne_tab = dcc.Tab(label="Hidden states (t-SNE)", value="tsne", children=[
@@ -32,12 +35,12 @@ def layout(ctx):
                   html.Div(dcc.Slider(id=ids.TSNE_LAYER, min=0, max=n_layers, step=1, value=n_layers,
                                       marks=marks), className="layer-slider")], className="controls"),
         dcc.Graph(id=ids.TSNE_GRAPH, clear_on_unhover=True, className="tsne-graph",
-                  config={"displayModeBar": False}),
+                  config={"displayModeBar": False}, **({"figure": figure} if figure else {})),
         dcc.Tooltip(id=ids.TSNE_TOOLTIP, direction="left"),
         html.Div(id=ids.NEIGHBOR_INFO, className="neighbor-info",
-                 children="Select a token to find its closest token of the other modality."),
+                 children=NEIGHBOR_HINT),
         html.Button("Open it", id=ids.NEIGHBOR_OPEN, className="btn", style={"display": "none"}),
-        dcc.Store(id=ids.TSNE_READY), dcc.Store(id=ids.NEIGHBOR_STORE),
+        dcc.Store(id=ids.TSNE_READY, data=ready), dcc.Store(id=ids.NEIGHBOR_STORE),
     ])
     matrix_tab = dcc.Tab(label="Attention matrix", value="matrix", children=[
         html.P("The selected head's attention: rows are queries, columns the keys they attend to.",
@@ -52,6 +55,14 @@ def layout(ctx):
                  class_name="panel-hidden")
 
 
+def tsne_view(db, ex_id: int, layer: int) -> tuple:
+    """The t-SNE map of one layer of an example (nothing marked) and its TSNE_READY value."""
+    info = db.example(ex_id)
+    fig = figures.tsne_figure(db.tsne(ex_id, layer), info.tokens, info.txt_len, info.special, info.coords,
+                              figures.tsne_title(layer, db.n_layers))
+    return fig, {"ex": ex_id, "layer": layer}
+
+
 def register_callbacks(app, ctx):
     db = ctx.db
 
@@ -61,21 +72,18 @@ def register_callbacks(app, ctx):
 
     @app.callback(Output(ids.TSNE_GRAPH, "figure"), Output(ids.TSNE_READY, "data"),
                   Input(ids.EXAMPLE_SELECT, "value"), Input(ids.TSNE_LAYER, "value"),
-                  Input(ids.VIEW_TABS, "value"))
+                  Input(ids.VIEW_TABS, "value"), prevent_initial_call=True)
     def draw_tsne(ex_id, layer, tab):
         if ex_id is None or tab != "tsne" or layer is None:
             raise PreventUpdate
-        info = db.example(ex_id)
-        pts = db.tsne(ex_id, layer)
-        fig = figures.tsne_figure(pts, info.tokens, info.txt_len, info.special, info.coords,
-                                  figures.tsne_title(layer, db.n_layers))
-        return fig, {"ex": ex_id, "layer": layer}
+        return tsne_view(db, ex_id, layer)
 
     @app.callback(Output(ids.TSNE_GRAPH, "figure", allow_duplicate=True), Output(ids.NEIGHBOR_INFO, "children"),
                   Output(ids.NEIGHBOR_STORE, "data"), Output(ids.NEIGHBOR_OPEN, "style"),
                   Output(ids.NEIGHBOR_OPEN, "children"),
-                  Input(ids.SEL_STORE, "data"), Input(ids.TSNE_READY, "data"), prevent_initial_call=True)
-    def mark_tsne(sel, ready):
+                  Input(ids.SEL_STORE, "data"), Input(ids.TSNE_READY, "data"),
+                  State(ids.NEIGHBOR_INFO, "children"), prevent_initial_call=True)
+    def mark_tsne(sel, ready, shown_info):
         """Mark the selected token and its nearest other-modality token on the map (a Patch)."""
         if not ready:
             raise PreventUpdate
@@ -84,9 +92,15 @@ def register_callbacks(app, ctx):
         hidden = {"display": "none"}
         tokens = sel["tokens"] if sel and sel.get("ex") == ex_id else []
         if not tokens:
+            if shown_info == NEIGHBOR_HINT:
+                # Nothing is marked (a fresh map, or already cleared): sending an empty Patch would
+                # still make the browser redraw the map, ~100 ms of a page load.
+                raise PreventUpdate
+            if f"{ids.TSNE_READY}.data" in dctx.triggered_prop_ids:  # the map was just drawn bare
+                return no_update, NEIGHBOR_HINT, None, hidden, no_update
             for k in (3, 4):
                 patch["data"][k]["x"], patch["data"][k]["y"] = [], []
-            return patch, "Select a token to find its closest token of the other modality.", None, hidden, no_update
+            return patch, NEIGHBOR_HINT, None, hidden, no_update
         pts = db.tsne(ex_id, layer)
         patch["data"][3]["x"] = pts[tokens, 0].astype(float).tolist()
         patch["data"][3]["y"] = pts[tokens, 1].astype(float).tolist()
@@ -153,7 +167,7 @@ def register_callbacks(app, ctx):
 
     @app.callback(Output(ids.MATRIX_GRAPH, "figure"),
                   Input(ids.EXAMPLE_SELECT, "value"), Input(ids.HEAD_STORE, "data"),
-                  Input(ids.MATRIX_KIND, "value"), Input(ids.VIEW_TABS, "value"))
+                  Input(ids.MATRIX_KIND, "value"), Input(ids.VIEW_TABS, "value"), prevent_initial_call=True)
     def draw_matrix(ex_id, head_sel, kind, tab):
         if ex_id is None or tab != "matrix" or not head_sel:
             raise PreventUpdate

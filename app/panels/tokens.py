@@ -16,10 +16,14 @@ from app.panels.common import head_label, panel
 from app.panels.hidden import point_token
 
 PLAY_MS = 900
+DEFAULT_OPACITY = 0.6
 HINT = "Click a text token or an image patch to see its attention"
 
 
-def layout(ctx):
+def layout(ctx, ex_id):
+    """The panel showing example ``ex_id`` with nothing selected (None: an empty database)."""
+    segments, chips, figure, ready = example_view(ctx.db, ex_id, DEFAULT_OPACITY, []) if ex_id is not None \
+        else (None, None, None, None)
     return panel(
         "Attention", "Pick the query side, then click tokens (text) or click / box-select / lasso patches "
         "(image): their attention to every token is shown, for the head selected in the head summary. "
@@ -33,23 +37,24 @@ def layout(ctx):
             html.Button("Clear", id=ids.CLEAR_SELECTION, className="btn", title="clear the selection"),
         ], className="controls"),
         html.Div(HINT, id=ids.ATT_TITLE, className="att-title"),
-        html.Div(id=ids.TEXT_TOKENS, className="text-tokens"),
+        html.Div(segments, id=ids.TEXT_TOKENS, className="text-tokens"),
         html.Div([
             dcc.Graph(id=ids.IMAGE_GRAPH, className="image-graph",
                       config={"displayModeBar": True, "displaylogo": False,
-                              "modeBarButtonsToRemove": ["toImage", "autoScale2d", "zoomIn2d", "zoomOut2d"]}),
-            html.Div(id=ids.IMAGE_SPECIALS, className="image-specials"),
+                              "modeBarButtonsToRemove": ["toImage", "autoScale2d", "zoomIn2d", "zoomOut2d"]},
+                      **({"figure": figure} if figure else {})),
+            html.Div(chips, id=ids.IMAGE_SPECIALS, className="image-specials"),
         ], className="image-wrap"),
         html.Div([
             html.Span("Overlay opacity", className="label"),
-            html.Div(dcc.Slider(id=ids.OPACITY, min=0, max=1, step=0.05, value=0.6,
+            html.Div(dcc.Slider(id=ids.OPACITY, min=0, max=1, step=0.05, value=DEFAULT_OPACITY,
                                 marks={0: "0", 0.5: "0.5", 1: "1"}), className="opacity-slider"),
             dcc.Checklist(id=ids.SMOOTH, options=[{"label": " smooth", "value": "smooth"}], value=[],
                           className="smooth-toggle"),
         ], className="controls"),
         dcc.Interval(id=ids.PLAY_INTERVAL, interval=PLAY_MS, disabled=True),
-        dcc.Store(id=ids.TOKEN_CLICK), dcc.Store(id=ids.SEL_STORE), dcc.Store(id=ids.ATT_STORE),
-        dcc.Store(id=ids.EXAMPLE_READY),
+        dcc.Store(id=ids.TOKEN_CLICK), dcc.Store(id=ids.SEL_STORE, data=empty_selection(ex_id)),
+        dcc.Store(id=ids.ATT_STORE), dcc.Store(id=ids.EXAMPLE_READY, data=ready),
         class_name="panel-attention")
 
 
@@ -81,24 +86,34 @@ def token_elements(info) -> tuple[list, list]:
     return segments, chips
 
 
+def example_view(db, ex_id: int, opacity: float, smooth: list) -> tuple:
+    """Text token segments, image-side special tokens, the image figure (no overlay yet), and the
+    example id for EXAMPLE_READY."""
+    info = db.example(ex_id)
+    segments, chips = token_elements(info)
+    fig = figures.image_figure(figures.png_data_uri(db.image_png(ex_id)), info.image_size,
+                               info.coords, info.grid)
+    if info.grid:
+        fig.data[0].opacity = opacity
+        fig.data[0].zsmooth = "best" if smooth else False
+    return segments, chips, fig, ex_id
+
+
+def empty_selection(ex_id) -> dict:
+    return {"ex": ex_id, "tokens": []}
+
+
 def register_callbacks(app, ctx):
     db = ctx.db
 
     @app.callback(Output(ids.TEXT_TOKENS, "children"), Output(ids.IMAGE_SPECIALS, "children"),
                   Output(ids.IMAGE_GRAPH, "figure"), Output(ids.EXAMPLE_READY, "data"),
                   Input(ids.EXAMPLE_SELECT, "value"),
-                  State(ids.OPACITY, "value"), State(ids.SMOOTH, "value"))
+                  State(ids.OPACITY, "value"), State(ids.SMOOTH, "value"), prevent_initial_call=True)
     def show_example(ex_id, opacity, smooth):
         if ex_id is None:
             raise PreventUpdate
-        info = db.example(ex_id)
-        segments, chips = token_elements(info)
-        fig = figures.image_figure(figures.png_data_uri(db.image_png(ex_id)), info.image_size,
-                                   info.coords, info.grid)
-        if info.grid:
-            fig.data[0].opacity = opacity
-            fig.data[0].zsmooth = "best" if smooth else False
-        return segments, chips, fig, ex_id
+        return example_view(db, ex_id, opacity, smooth)
 
     app.clientside_callback(ClientsideFunction("vli", "tokenClick"), Output(ids.TOKEN_CLICK, "data"),
                             Input({"type": ids.TOKEN, "index": ALL}, "n_clicks"), prevent_initial_call=True)
@@ -110,7 +125,7 @@ def register_callbacks(app, ctx):
                   Input(ids.TSNE_GRAPH, "clickData"), Input(ids.SIDE, "value"),
                   Input(ids.CLEAR_SELECTION, "n_clicks"),
                   Input(ids.PLAY, "n_clicks"), Input(ids.PLAY_INTERVAL, "n_intervals"),
-                  State(ids.SEL_STORE, "data"), State(ids.PLAY_INTERVAL, "disabled"))
+                  State(ids.SEL_STORE, "data"), State(ids.PLAY_INTERVAL, "disabled"), prevent_initial_call=True)
     def select_tokens(ex_id, token_click, img_click, img_selected, tsne_click, side, _clear, _play, _tick,
                       sel, stopped):
         """Every way of choosing the query tokens, in one place (branching on the trigger)."""
@@ -120,10 +135,10 @@ def register_callbacks(app, ctx):
         cur = sel["tokens"] if sel and sel.get("ex") == ex_id else []
         nu = no_update
         stop = (True, "▶ Play")
-        if trig == ids.EXAMPLE_SELECT or trig is None:
+        if trig == ids.EXAMPLE_SELECT:
             if sel and sel.get("ex") == ex_id:  # e.g. opened from the nearest-token link
                 raise PreventUpdate
-            return {"ex": ex_id, "tokens": []}, nu, *stop
+            return empty_selection(ex_id), nu, *stop
         info = db.example(ex_id)
         if trig == ids.TOKEN_CLICK:
             if not token_click:
@@ -148,7 +163,7 @@ def register_callbacks(app, ctx):
                 raise PreventUpdate
             return {"ex": ex_id, "tokens": [tok]}, "text" if tok < info.txt_len else "image", *stop
         if trig == ids.SIDE or trig == ids.CLEAR_SELECTION:
-            return {"ex": ex_id, "tokens": []}, nu, *stop
+            return empty_selection(ex_id), nu, *stop
         if trig == ids.PLAY:
             if not stopped:
                 return nu, nu, *stop
@@ -167,8 +182,8 @@ def register_callbacks(app, ctx):
     @app.callback(Output(ids.ATT_STORE, "data"), Output(ids.IMAGE_GRAPH, "figure", allow_duplicate=True),
                   Output(ids.ATT_TITLE, "children"),
                   Input(ids.SEL_STORE, "data"), Input(ids.HEAD_STORE, "data"), Input(ids.EXAMPLE_READY, "data"),
-                  prevent_initial_call=True)
-    def show_attention(sel, head_sel, ready):
+                  State(ids.ATT_TITLE, "children"), prevent_initial_call=True)
+    def show_attention(sel, head_sel, ready, shown_title):
         """Attention of the selected queries (one read of just those rows) to every token."""
         if ready is None or not head_sel:
             raise PreventUpdate
@@ -176,6 +191,12 @@ def register_callbacks(app, ctx):
         patch = Patch()
         tokens = sel["tokens"] if sel and sel.get("ex") == ready else []
         if not tokens:
+            if shown_title == HINT:
+                # No overlay is shown (a fresh image figure, or already cleared): an empty Patch
+                # would still make the browser redraw the image, ~100 ms of a page load.
+                raise PreventUpdate
+            if f"{ids.EXAMPLE_READY}.data" in dctx.triggered_prop_ids:  # the figure was just drawn bare
+                return None, no_update, HINT
             if info.grid:
                 for key, value in figures.overlay_state(None, info.grid).items():
                     patch["data"][0][key] = value

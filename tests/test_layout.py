@@ -1,0 +1,63 @@
+"""The page opens on the first example already drawn in the layout, so that loading it costs no
+callback round trip and each figure is drawn once (no browser needed)."""
+import base64
+
+import numpy as np
+
+from app import figures, ids
+from app.panels import heads
+from app.server import create_app
+from conftest import N_LAYERS
+
+
+def components(layout) -> dict:
+    return {c.id: c for c in layout._traverse() if isinstance(getattr(c, "id", None), str)}
+
+
+def decode(spec) -> np.ndarray:
+    """A typed-array spec of figures.typed_array back to numpy."""
+    a = np.frombuffer(base64.b64decode(spec["bdata"]), dtype={"f4": np.float32, "i4": np.int32}[spec["dtype"]])
+    return a.reshape([int(s) for s in spec["shape"].split(",")]) if "shape" in spec else a
+
+
+def test_page_opens_with_the_first_example_drawn(small_db):
+    app = create_app(small_db)
+    page = components(app.layout())
+    first = small_db.example_ids()[0]
+    info = small_db.example(first)
+
+    assert page[ids.EXAMPLE_SELECT].value == first
+    stat = heads.statistic_options(small_db)[0]["value"]
+    head_fig = page[ids.HEAD_GRAPH].figure
+    np.testing.assert_allclose(decode(head_fig.data[0].z), small_db.head_statistics(first)[stat], rtol=1e-6)
+    assert page[ids.HEAD_STORE].data == heads.default_head(small_db)
+    assert "mean of heads" in str(page[ids.HEAD_TITLE].children)
+
+    tokens_shown = [span["props"]["children"] for seg in page[ids.TEXT_TOKENS].children for span in seg.children]
+    assert tokens_shown == list(info.tokens[:info.txt_len])
+    assert page[ids.IMAGE_GRAPH].figure.layout.images[0].source.startswith("data:image/png;base64,")
+    assert page[ids.SEL_STORE].data == {"ex": first, "tokens": []}
+    assert page[ids.EXAMPLE_READY].data == first
+
+    tsne = page[ids.TSNE_GRAPH].figure
+    pts = small_db.tsne(first, N_LAYERS)
+    text_trace = tsne.data[0]
+    np.testing.assert_allclose(decode(text_trace.x), pts[text_trace.customdata, 0], rtol=1e-6)
+    assert page[ids.TSNE_READY].data == {"ex": first, "layer": N_LAYERS}
+    assert tsne.layout.title.text == figures.tsne_title(N_LAYERS, small_db.n_layers)
+
+
+def test_no_callback_fires_on_page_load(small_db):
+    """Everything the page shows first is in the layout: a callback firing on load would redraw."""
+    app = create_app(small_db)
+    fired = [c["output"] for c in app._callback_list if not c.get("prevent_initial_call")]
+    assert fired == []
+
+
+def test_empty_database_page(tmp_path):
+    from helpers import make_db
+
+    db, _ = make_db(tmp_path / "empty", [])
+    page = components(create_app(db).layout())
+    assert page[ids.EXAMPLE_SELECT].value is None
+    assert getattr(page[ids.HEAD_GRAPH], "figure", None) is None
