@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import argparse
 import os
+import random
 import sys
 from typing import Any, Callable, Optional
 
@@ -593,8 +594,12 @@ def db_shape(db_path: str) -> dict:
         db.close()
 
 
-def measure(url: str, shape: dict, reps: int, only: Optional[list[str]] = None, warmup: int = 1) -> dict:
-    """Replay every interaction ``reps`` times on a fresh page; {name: [Cascade, ...]}."""
+def measure(url: str, shape: dict, reps: int, only: Optional[list[str]] = None, warmup: int = 1,
+            think: float = 0.0, seed: int = 0) -> dict:
+    """Replay every interaction ``reps`` times on a fresh page; {name: [Cascade, ...]}. With
+    ``think`` > 0, pause 0.5-1.5 x ``think`` seconds (random, ``seed``) after each interaction, as a
+    person reading the result would."""
+    pause = random.Random(seed)
     rep = Replayer(url)
     results: dict[str, list[Cascade]] = {"page load (replay)": []}
     try:
@@ -616,6 +621,8 @@ def measure(url: str, shape: dict, reps: int, only: Optional[list[str]] = None, 
                     getattr(sc, teardown)()
                 if k >= warmup:
                     runs.append(c)
+                if think:
+                    time.sleep(think * pause.uniform(0.5, 1.5))
             results[name] = runs
     finally:
         rep.close()
@@ -754,42 +761,52 @@ def replay_callbacks(url: str, shape: dict) -> list[tuple[str, list[str]]]:
 
 # --------------------------------------------------------------------------- gunicorn
 
-def gunicorn_check(db: str, shape: dict, workers: int, reps: int) -> None:
-    """``gunicorn -w W`` on the database: one replaying client, then W concurrent ones."""
-    import threading as th
-
+def gunicorn_check(db: str, shape: dict, workers: int, reps: int, think: float) -> None:
+    """``gunicorn -w W`` on the database: one replaying client, then W concurrent ones; both with
+    no pause between interactions (a stress test: each client keeps a core busy), then both with
+    a person's pause of about ``think`` seconds after each interaction (W people at W browsers)."""
     server = start_server(db, gunicorn_workers=workers)
     try:
         print(f"gunicorn -w {workers} (app.server:serve): ready in {server.ready_seconds:.2f} s")
-        one = measure(server.url, shape, reps)
-        print_table(one, "  one client:")
-        many: list[dict] = [None] * workers
-        errors: list[str] = []
-
-        def client(k):
-            try:
-                many[k] = measure(server.url, shape, reps)
-            except Exception as e:  # noqa: BLE001 - counted and reported
-                errors.append(f"client {k}: {type(e).__name__}: {e}")
-
-        threads = [th.Thread(target=client, args=(k,)) for k in range(workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        merged: dict[str, list] = {}
-        for m in many:
-            for name, runs in (m or {}).items():
-                merged.setdefault(name, []).extend(runs)
-        print_table(merged, f"  {workers} concurrent clients (all clients' runs together):")
-        n_err = len(errors) + sum(len(c.errors) for runs in merged.values() for c in runs)
-        print(f"  errors: {n_err}" + (f" ({errors[:2]})" if errors else ""))
-        for name in one:
-            if name in merged and merged[name]:
-                p1, pw = stats_ms([c.seconds for c in one[name]])[1], stats_ms([c.seconds for c in merged[name]])[1]
-                print(f"    p95 {name:28s} 1 client {p1:7.1f} ms, {workers} clients {pw:7.1f} ms ({pw / p1:.1f}x)")
+        for pause in (0.0, think) if think else (0.0,):
+            how = f"a pause of {pause:g} s x U(0.5, 1.5) after each interaction" if pause else "no pause"
+            one = measure(server.url, shape, reps, think=pause)
+            print_table(one, f"  one client, {how}:")
+            many, errors = _concurrent_clients(server.url, shape, reps, workers, pause)
+            merged: dict[str, list] = {}
+            for m in many:
+                for name, runs in (m or {}).items():
+                    merged.setdefault(name, []).extend(runs)
+            print_table(merged, f"  {workers} concurrent clients, {how} (all clients' runs together):")
+            n_err = len(errors) + sum(len(c.errors) for runs in merged.values() for c in runs)
+            print(f"  errors: {n_err}" + (f" ({errors[:2]})" if errors else ""))
+            for name in one:
+                if name in merged and merged[name]:
+                    p1 = stats_ms([c.seconds for c in one[name]])[1]
+                    pw = stats_ms([c.seconds for c in merged[name]])[1]
+                    print(f"    p95 {name:28s} 1 client {p1:7.1f} ms, {workers} clients {pw:7.1f} ms "
+                          f"({pw / p1:.1f}x)")
     finally:
         server.stop()
+
+
+def _concurrent_clients(url: str, shape: dict, reps: int, workers: int, think: float):
+    """``workers`` clients replaying at once (threads; the replay waits on the network)."""
+    many: list[dict] = [None] * workers
+    errors: list[str] = []
+
+    def client(k):
+        try:
+            many[k] = measure(url, shape, reps, think=think, seed=k + 1)
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            errors.append(f"client {k}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return many, errors
 
 
 # --------------------------------------------------------------------------- main
@@ -808,6 +825,9 @@ def main(argv=None) -> int:
     p.add_argument("--browser", action="store_true", help="also headless Chromium's page load")
     p.add_argument("--check-browser", action="store_true", help="compare the replay's callbacks with Chromium's")
     p.add_argument("--gunicorn", type=int, default=0, metavar="W", help="also gunicorn -w W with W clients")
+    p.add_argument("--think", type=float, default=1.0, metavar="S",
+                   help="with --gunicorn, also a run with a person's pause of about S s between interactions "
+                        "(0: only the no-pause stress run)")
     p.add_argument("--quick", action="store_true", help="5 reps, small database, minutes at most")
     args = p.parse_args(argv)
     if args.quick:
@@ -846,7 +866,7 @@ def main(argv=None) -> int:
     finally:
         server.stop()
     if args.gunicorn:
-        gunicorn_check(db, shape, args.gunicorn, args.reps)
+        gunicorn_check(db, shape, args.gunicorn, args.reps, args.think)
     return 0
 
 
