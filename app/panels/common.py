@@ -18,3 +18,9 @@ def head_label(head_sel: dict) -> str:
     layer = head_sel["layer"] + 1
     return f"layer {layer}, mean of heads" if head_sel.get("head") is None else \
         f"layer {layer}, head {head_sel['head'] + 1}"
+
+
+def initial_figure(figure) -> dict:
+    """dcc.Graph keyword for a figure drawn into the layout; none (Dash's empty default) when there
+    is nothing to draw yet, e.g. a database with no examples."""
+    return {"figure": figure} if figure is not None else {}

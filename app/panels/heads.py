@@ -7,7 +7,7 @@ from dash.exceptions import PreventUpdate
 
 from app import figures, ids
 from app.database.stats import STATISTICS
-from app.panels.common import head_label, panel
+from app.panels.common import head_label, initial_figure, panel
 
 CUSTOM_HELP = "a custom per-head metric supplied with the records"
 
@@ -47,7 +47,7 @@ def layout(ctx, ex_id):
         ], className="controls"),
         html.P(help_text, id=ids.HEAD_STAT_HELP, className="help stat-help"),
         dcc.Graph(id=ids.HEAD_GRAPH, config={"displayModeBar": False}, className="head-graph",
-                  style={"height": "var(--head-graph-height)"}, **({"figure": figure} if figure else {})),
+                  style={"height": "var(--head-graph-height)"}, **initial_figure(figure)),
         html.Div(head_title(head) if head else None, id=ids.HEAD_TITLE, className="selected-head"),
         dcc.Store(id=ids.HEAD_STORE, data=head),
         class_name="panel-heads")

@@ -14,7 +14,7 @@ from dash import Input, Output, Patch, State, ctx as dctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from app import figures, ids
-from app.panels.common import head_label, panel
+from app.panels.common import head_label, initial_figure, panel
 
 NEIGHBOR_HINT = "Select a token to find its closest token of the other modality."
 MATRIX_KINDS = [{"label": "text → text", "value": "tt"}, {"label": "image → image", "value": "ii"},
@@ -35,7 +35,7 @@ def layout(ctx, ex_id):
                   html.Div(dcc.Slider(id=ids.TSNE_LAYER, min=0, max=n_layers, step=1, value=n_layers,
                                       marks=marks), className="layer-slider")], className="controls"),
         dcc.Graph(id=ids.TSNE_GRAPH, clear_on_unhover=True, className="tsne-graph",
-                  config={"displayModeBar": False}, **({"figure": figure} if figure else {})),
+                  config={"displayModeBar": False}, **initial_figure(figure)),
         dcc.Tooltip(id=ids.TSNE_TOOLTIP, direction="left"),
         html.Div(id=ids.NEIGHBOR_INFO, className="neighbor-info",
                  children=NEIGHBOR_HINT),

@@ -12,7 +12,7 @@ from dash import ALL, ClientsideFunction, Input, Output, Patch, State, ctx as dc
 from dash.exceptions import PreventUpdate
 
 from app import figures, ids
-from app.panels.common import head_label, panel
+from app.panels.common import head_label, initial_figure, panel
 from app.panels.hidden import point_token
 
 PLAY_MS = 900
@@ -42,7 +42,7 @@ def layout(ctx, ex_id):
             dcc.Graph(id=ids.IMAGE_GRAPH, className="image-graph",
                       config={"displayModeBar": True, "displaylogo": False,
                               "modeBarButtonsToRemove": ["toImage", "autoScale2d", "zoomIn2d", "zoomOut2d"]},
-                      **({"figure": figure} if figure else {})),
+                      **initial_figure(figure)),
             html.Div(chips, id=ids.IMAGE_SPECIALS, className="image-specials"),
         ], className="image-wrap"),
         html.Div([
