@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import dash
 from dash import html
+from dash._utils import to_json
 
 from app.context import AppContext
 from app.database.database import DatabaseError, VliLmdb
@@ -48,6 +49,25 @@ def _layout(ctx: AppContext, add_panel) -> html.Div:
     return html.Div([header, grid], className="app")
 
 
+class _VliDash(dash.Dash):
+    """Dash, with the page's layout JSON cached per database version: it carries the first example
+    drawn (a few hundred kB for a large one) and only changes when the database does, so page loads
+    after the first cost a lookup instead of building and serialising every figure again."""
+
+    def __init__(self, db: VliLmdb, **kwargs):
+        super().__init__(**kwargs)
+        self._db = db
+        self._layout_json: tuple[int, str] = (-1, "")
+
+    def serve_layout(self):
+        version, text = self._layout_json
+        if version != self._db.version():
+            version = self._db.version()  # read first: a write during the build leaves it stale
+            text = to_json(self.get_layout())
+            self._layout_json = (version, text)
+        return self.backend.make_response(text, mimetype="application/json")
+
+
 def open_database(path, writable: bool = False) -> VliLmdb:
     """Open a preprocessed database; raises DatabaseError (one line) when it is not one. With
     ``writable`` (a live model adds examples) it is checked read-only first, then reopened for writing,
@@ -72,8 +92,8 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
     add_panel = None
     if model is not None:
         from app.panels import add_example as add_panel  # C2's panel (needs the model)
-    app = dash.Dash(__name__, title=TITLE, assets_folder=ASSETS, update_title=None,
-                    suppress_callback_exceptions=False)
+    app = _VliDash(db, name=__name__, title=TITLE, assets_folder=ASSETS, update_title=None,
+                   suppress_callback_exceptions=False)
     app.layout = lambda: _layout(ctx, add_panel)  # per page load: new examples show after a reload
     for panel in (example, heads, tokens, hidden):
         panel.register_callbacks(app, ctx)
@@ -87,7 +107,6 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
 def _warm_up() -> None:
     """Pay plotly's and Dash's lazy imports (~0.3 s) at start-up, not in the first user's request."""
     import numpy as np
-    from dash._utils import to_json
 
     from app import figures
 

@@ -61,3 +61,47 @@ def test_empty_database_page(tmp_path):
     page = components(create_app(db).layout())
     assert page[ids.EXAMPLE_SELECT].value is None
     assert getattr(page[ids.HEAD_GRAPH], "figure", None) is None
+
+
+def test_page_json_is_reused_until_the_database_changes(tmp_path, monkeypatch):
+    """The served layout is cached per database version: a second load gets the same JSON without
+    building it, and an example added meanwhile (a write) shows in the next load."""
+    import json
+
+    import app.database.store as store
+    from helpers import fake_tsne_maps, make_db, make_record
+
+    monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+    db, _ = make_db(tmp_path / "db", [make_record(0), make_record(1)])
+    app = create_app(db)
+    client = app.server.test_client()
+    builds = []
+    build = app._layout
+    app._layout = lambda: builds.append(1) or build()
+
+    def listed():
+        page = json.loads(client.get("/_dash-layout").data)
+        return [o["value"] for o in _find(page, ids.EXAMPLE_SELECT)["props"]["options"]]
+
+    assert listed() == [0, 1]
+    first_load = len(builds)  # Dash may also build one at its first request, to validate it
+    assert listed() == [0, 1] and len(builds) == first_load
+    db.add_record(make_record(7))
+    assert listed() == [0, 1, 7] and len(builds) == first_load + 1
+
+
+def _find(node, component_id):
+    """The JSON component with ``component_id`` in a serialised layout."""
+    if isinstance(node, dict):
+        if node.get("props", {}).get("id") == component_id:
+            return node
+        children = list(node.values())
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _find(child, component_id)
+        if found is not None:
+            return found
+    return None

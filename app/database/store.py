@@ -423,6 +423,11 @@ class VliLmdb:
             return tuple(stored)
         return self._requested_special or DEFAULT_SPECIAL_TOKENS
 
+    def version(self) -> int:
+        """A number that changes with every write to the database (LMDB's last transaction id), so
+        that what is derived from its contents can be cached until it changes."""
+        return self._environment().info()["last_txnid"]
+
     def example_ids(self) -> list[int]:
         """The ids of all preprocessed examples, sorted."""
         with self._read() as txn:
