@@ -27,7 +27,8 @@ COLORS = {
     "blue": (60, 100, 235),
     "yellow": (230, 210, 50),
 }
-RELATIONS = ("left of", "right of", "above", "below")
+# position questions: direction -> (axis of the box coordinates, sign: +1 = towards larger values)
+DIRECTIONS = {"further left": (0, -1), "further right": (0, 1), "higher": (1, -1), "lower": (1, 1)}
 MAX_OBJECTS = 4
 MIN_SIDE, MAX_SIDE = 9, 14  # shape bounding-box side, px (fits inside one cell with a margin)
 REL_MARGIN = 6  # centres must differ by this many px along the relation's axis
@@ -82,7 +83,7 @@ class Example:
 def vocabulary() -> list[str]:
     """Every word any template can produce, after the special tokens (the tokenizer's vocab.txt)."""
     words = {"what", "color", "shape", "is", "the", "object", "there", "a", "how", "many", "are",
-             "left", "right", "of", "above", "below", "?"}
+             "or", "further", "left", "right", "higher", "lower", "?"}
     words |= set(SHAPES) | set(PLURALS.values()) | set(COLORS)
     words |= {"yes", "no"}  # not produced by templates, but keep answers tokenisable
     return list(SPECIAL_TOKENS) + sorted(words)
@@ -208,25 +209,34 @@ def _q_count(rng, size):
 
 
 def _q_position(rng, size):
-    a = (_pick(rng, SHAPES), _pick(rng, COLORS))
-    b = _others(rng, 1, lambda p: p != a)[0]
-    relation = _pick(rng, RELATIONS)
-    want = "yes" if rng.random() < 0.5 else "no"
+    """Which of two objects lies further in a direction ("is the circle or the square further
+    left?" -> "circle"). The two are named by shape alone: each named shape occurs once in the
+    scene, any other object has the third shape, colours are random. Their centres differ by at
+    least REL_MARGIN px along the direction's axis (so they lie in different patch columns/rows)."""
+    a, b = rng.choice(SHAPES, size=2, replace=False).tolist()
+    (third,) = set(SHAPES) - {a, b}
+    direction = _pick(rng, DIRECTIONS)
+    answer = a if rng.random() < 0.5 else b
     n = int(rng.integers(2, MAX_OBJECTS + 1))
-    attrs = [a, b] + _others(rng, n - 2, lambda p: p not in (a, b))
+    attrs = [(a, _pick(rng, COLORS)), (b, _pick(rng, COLORS))] + _others(rng, n - 2, lambda p: p[0] == third)
     while True:
         boxes = _place(rng, n, size)
-        (ax, ay), (bx, by) = [((bb[0] + bb[2]) / 2, (bb[1] + bb[3]) / 2) for bb in boxes[:2]]
-        d = {"left of": bx - ax, "right of": ax - bx, "above": by - ay, "below": ay - by}[relation]
-        if abs(d) >= REL_MARGIN and (d > 0) == (want == "yes"):
+        winner = _further(boxes[0], boxes[1], direction)
+        if winner is not None and (a, b)[winner] == answer:
             break
     order = rng.permutation(n)
     attrs, boxes = [attrs[j] for j in order], [boxes[j] for j in order]
     ia, ib = int(np.where(order == 0)[0][0]), int(np.where(order == 1)[0][0])
-    text = f"is the {a[1]} {a[0]} {relation} the {b[1]} {b[0]}?"
-    words = question_words(text)
-    refs = {3: ia, len(words) - 2: ib}
-    return render(rng, attrs, size, boxes), text, want, refs
+    text = f"is the {a} or the {b} {direction}?"
+    return render(rng, attrs, size, boxes), text, answer, {2: ia, 5: ib}
+
+
+def _further(box_a: Box, box_b: Box, direction: str) -> int | None:
+    """0 when box_a lies further in ``direction`` than box_b, 1 when box_b does, None when their
+    centres are closer than REL_MARGIN along its axis."""
+    axis, sign = DIRECTIONS[direction]
+    d = sign * ((box_a[axis] + box_a[axis + 2]) - (box_b[axis] + box_b[axis + 2])) / 2
+    return None if abs(d) < REL_MARGIN else (0 if d > 0 else 1)
 
 
 _MAKERS = {"color": _q_color, "shape": _q_shape, "exist": _q_exist, "count": _q_count,
@@ -262,11 +272,9 @@ def true_answer(scene: Scene, question: str) -> str:
     if w[:2] == ["how", "many"]:
         shape = {v: k for k, v in PLURALS.items()}[w[2]]
         return str(sum(o.shape == shape for o in objs))
-    if w[0] == "is":
-        (a,) = [o for o in objs if (o.color, o.shape) == (w[2], w[3])]
-        (b,) = [o for o in objs if (o.color, o.shape) == (w[-3], w[-2])]
-        relation = " ".join(w[4:-4])
-        (ax, ay), (bx, by) = a.center, b.center
-        d = {"left of": bx - ax, "right of": ax - bx, "above": by - ay, "below": ay - by}[relation]
-        return "yes" if d > 0 else "no"
+    if w[:2] == ["is", "the"]:
+        (a,) = [o for o in objs if o.shape == w[2]]
+        (b,) = [o for o in objs if o.shape == w[5]]
+        winner = _further(a.bbox, b.bbox, " ".join(w[6:-1]))
+        return None if winner is None else (a, b)[winner].shape
     raise ValueError(f"not a template question: {question!r}")

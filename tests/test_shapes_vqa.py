@@ -71,6 +71,30 @@ def test_counts_are_counts_of_drawn_shapes():
     assert {e.answer for e in exs} == set(scenes.COUNT_ANSWERS)
 
 
+def test_position_questions_name_shapes_that_occur_once():
+    exs = [e for e in scenes.generate(200, seed=12) if e.qtype == "position"]
+    for ex in exs:
+        words = scenes.question_words(ex.question)
+        shapes = [o.shape for o in ex.scene.objects]
+        assert shapes.count(words[2]) == 1 and shapes.count(words[5]) == 1, ex.question
+        assert ex.refs == {2: shapes.index(words[2]), 5: shapes.index(words[5])}
+        assert ex.answer in (words[2], words[5])
+    assert {" ".join(scenes.question_words(e.question)[6:-1]) for e in exs} == set(scenes.DIRECTIONS)
+
+
+def test_position_answers_follow_the_centres():
+    """An independent reading of "further left / right, higher, lower" from the drawn boxes."""
+    for ex in [e for e in scenes.generate(150, seed=14) if e.qtype == "position"]:
+        words = scenes.question_words(ex.question)
+        a, b = (next(o for o in ex.scene.objects if o.shape == w) for w in (words[2], words[5]))
+        (ax, ay), (bx, by) = a.center, b.center
+        direction = " ".join(words[6:-1])
+        a_wins = {"further left": ax < bx, "further right": ax > bx, "higher": ay < by, "lower": ay > by}[direction]
+        assert ex.answer == (a.shape if a_wins else b.shape), ex.question
+        gap = abs(ax - bx) if "further" in direction else abs(ay - by)
+        assert gap >= scenes.REL_MARGIN
+
+
 def test_generation_is_deterministic():
     a, b, c = scenes.generate(15, seed=3), scenes.generate(15, seed=3), scenes.generate(15, seed=4)
     for x, y in zip(a, b):
@@ -116,6 +140,39 @@ def test_processor_keeps_the_scene_size(processor):
     # exactly what the training loop feeds the model
     mine = shapes_train.pixel_values(torch.from_numpy(images))
     assert torch.allclose(enc["pixel_values"].float(), mine, atol=1e-5)
+
+
+def test_training_forward_is_the_stock_forward(processor):
+    """The training loop's image embeddings (no per-image loops, patches in order) give the same
+    logits as ViLT's own pixel path, which shuffles the patches."""
+    model = shapes_train.build_model(processor, hidden=32, layers=2).eval()
+    exs = scenes.generate(6, seed=2)
+    data = shapes_train.encode(exs, processor)
+    with torch.no_grad():
+        mine = shapes_train.forward(model, data, torch.arange(len(exs))).logits
+        stock = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"],
+                      pixel_values=shapes_train.pixel_values(data["images"])).logits
+    assert torch.allclose(mine, stock, atol=1e-5)
+
+
+def test_patch_positions_start_as_row_and_column_codes(processor):
+    """Sine-cosine start: the first half of each patch's code depends on its row only, the second
+    half on its column only, and no two patches share a code."""
+    model = shapes_train.build_model(processor, hidden=32, layers=1)
+    grid = scenes.SCENE_SIZE // shapes_train.PATCH_SIZE
+    codes = model.vilt.embeddings.position_embeddings[0, 1:].detach().reshape(grid, grid, -1).numpy()
+    half = codes.shape[-1] // 2
+    assert np.allclose(codes[:, :1, :half], codes[:, :, :half])  # same along a row
+    assert np.allclose(codes[:1, :, half:], codes[:, :, half:])  # same along a column
+    flat = codes.reshape(grid * grid, -1)
+    dist = np.linalg.norm(flat[:, None] - flat[None], axis=-1) + np.eye(grid * grid)
+    assert dist.min() > 0.1
+    # where a patch is varies more across the grid than what an empty or drawn patch shows
+    exs = scenes.generate(16, seed=4)
+    with torch.no_grad():
+        content = model.vilt.embeddings.patch_embeddings(
+            shapes_train.pixel_values(shapes_train.encode(exs, processor)["images"])).flatten(2)
+    assert flat.std(axis=0).mean() > 2 * content.std(dim=2).mean().item()
 
 
 def test_quick_training_run_saves_a_loadable_model(tmp_path):
@@ -172,17 +229,18 @@ def test_bundled_model_answers_heldout_questions(bundled):
         pred = model(**enc).logits.argmax(-1).tolist()
     right = np.array([model.config.id2label[i] == p["label"] for i, p in zip(pred, pairs)])
     wrong = [(p["text"], p["label"]) for p, r in zip(pairs, right) if not r]
-    # ~81 % on 1000 held-out questions; colour and shape questions are ~95 %, position ~55 %
-    assert right.mean() >= 0.7, wrong
+    # 89.5 % on 1000 held-out questions: colour, shape, existence and count 99.5-100 %, relative
+    # position at chance (training_report.json)
+    assert right.mean() >= 0.8, wrong
     types = np.array([e.qtype for e in make_heldout.examples(len(pairs))])
-    assert right[np.isin(types, ["color", "shape"])].mean() >= 0.9, wrong
+    assert right[types != "position"].mean() >= 0.95, wrong
 
 
 # --------------------------------------------------------------------------- the truth test
 
 PATCH = shapes_train.PATCH_SIZE
 MIN_COVER = 0.05  # a patch "covers" a shape when >= 5 % of its pixels are the shape's
-TRUTH_HIT_RATE = 0.75  # the bundled model reaches about 0.8 (see the report in the commit)
+TRUTH_HIT_RATE = 0.7  # the bundled model: 0.77 (colour questions 0.95, position questions 0.68)
 
 
 def _covered_patches(mask: np.ndarray) -> set[tuple[int, int]]:
