@@ -105,3 +105,14 @@ def _find(node, component_id):
         if found is not None:
             return found
     return None
+
+
+def test_index_page_does_not_carry_the_example(small_db):
+    """Dash puts its validation layout into every index page: it must hold the component ids only,
+    not a second copy of the first example's figures and image (the layout request brings those)."""
+    app = create_app(small_db)
+    client = app.server.test_client()
+    index = client.get("/").data.decode()
+    assert f'"{ids.HEAD_GRAPH}"' in index  # the ids are there, for callback validation
+    assert ";base64," not in index  # plotly's JSON writes the data URI as data:image\u002fpng;base64,...
+    assert ";base64," in client.get("/_dash-layout").data.decode()
