@@ -322,3 +322,23 @@ def test_preprocess_gives_back_the_space_of_the_raw_records(tmp_path):
     with VliLmdb(path) as ro:
         assert ro.example_ids() == list(range(7))
         assert ro.attention(5, 1, 0, [0]).shape == (42,)
+
+
+def test_example_ids_come_from_the_small_ids_table(tmp_path):
+    """Listing the examples reads the ``ids`` table (tiny values), not ``info`` (an overflow page per
+    example); a database written before ``ids`` existed is listed from ``info``."""
+    import lmdb
+
+    writer, _ = make_db(tmp_path / "db", [make_record(i) for i in (0, 3, 5)])
+    assert writer.example_ids() == [0, 3, 5]
+    with writer._read() as txn:
+        assert writer._count("ids", txn) == 3
+    writer.close()
+    env = lmdb.open(str(tmp_path / "db"), max_dbs=16)
+    ids = env.open_db(b"ids")
+    with env.begin(write=True) as txn:  # as written by an older version: no ids table
+        txn.drop(ids, delete=True)
+    env.close()
+    old = VliLmdb(tmp_path / "db")
+    assert old._dbs["ids"] is None and old.example_ids() == [0, 3, 5]
+    old.close()

@@ -13,6 +13,10 @@ pending    ``str(ex_id)``         the user's raw pickle, until preprocess() conv
 info       ``E``                  JSON: tokens, txt_len, special, coords, grid, image_size,
                                   accuracy, prediction, text, custom_metrics (names),
                                   attention_exp
+ids        ``E``                  empty: the example ids alone, so that listing them reads a few
+                                  pages (an ``info`` value is an overflow page, and walking
+                                  ``info`` touches one per example); databases written before it
+                                  existed are listed from ``info``
 image      ``E``                  PNG bytes
 attention  ``E/LLL``              float16 little-endian (heads, n, n) holding attention *
                                   2**attention_exp (info), layer 0..n_layers-1
@@ -55,7 +59,7 @@ __all__ = ["VliLmdb", "DatabaseError", "RecordError", "ExampleInfo", "Preprocess
            "Neighbor", "SearchCost", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
-SUB_DBS = (b"meta", b"pending", b"info", b"image", b"attention", b"hidden", b"tsne", b"stats", b"nn")
+SUB_DBS = (b"meta", b"pending", b"info", b"ids", b"image", b"attention", b"hidden", b"tsne", b"stats", b"nn")
 MAP_SIZES = (1 << 40, 1 << 36, 1 << 32)  # sparse on Linux; smaller fall-backs for tight ulimits
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 PIPELINE = True  # preprocess(): compute the next example in a worker thread (False: one by one, to measure)
@@ -316,12 +320,12 @@ class VliLmdb:
             raise DatabaseError(f"{self.path!r} was opened read-only: use VliLmdb(..., read_only=False)")
         return self._environment().begin(write=True)
 
-    def _count(self, name: str) -> int:
+    def _count(self, name: str, txn=None) -> int:
+        if txn is None:
+            with self._read() as txn:  # opened first: after a fork it replaces the handles
+                return self._count(name, txn)
         db = self._dbs[name]
-        if db is None:
-            return 0
-        with self._read() as txn:
-            return txn.stat(db)["entries"]
+        return 0 if db is None else txn.stat(db)["entries"]
 
     def _meta(self, key: str, txn=None) -> Any:
         if txn is None:
@@ -429,9 +433,10 @@ class VliLmdb:
         return self._environment().info()["last_txnid"]
 
     def example_ids(self) -> list[int]:
-        """The ids of all preprocessed examples, sorted."""
+        """The ids of all preprocessed examples, sorted (from ``ids`` when it lists them all)."""
         with self._read() as txn:
-            cursor = txn.cursor(db=self._dbs["info"]) if self._dbs["info"] is not None else None
+            name = "ids" if self._count("ids", txn) == self._count("info", txn) else "info"
+            cursor = txn.cursor(db=self._dbs[name]) if self._dbs[name] is not None else None
             return [] if cursor is None else [int(bytes(k)) for k in cursor.iternext(values=False)]
 
     def __len__(self) -> int:
@@ -797,6 +802,7 @@ class VliLmdb:
         ekey = _ekey(ex_id)
         values = {
             b"info": {ekey: json.dumps(info).encode()},
+            b"ids": {ekey: b""},
             b"image": {ekey: _png(normal.image)},
             b"attention": {_lkey(ex_id, layer): attention16[layer].tobytes() for layer in range(normal.n_layers)},
             b"hidden": {_lkey(ex_id, layer): hidden16[layer].tobytes() for layer in range(normal.n_layers + 1)},
