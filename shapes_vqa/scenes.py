@@ -208,14 +208,15 @@ def _q_count(rng, size):
     return render(rng, attrs, size), f"how many {PLURALS[shape]} are there?", str(k), {}
 
 
-def _q_position(rng, size):
+def _q_position(rng, size, directions=tuple(DIRECTIONS)):
     """Which of two objects lies further in a direction ("is the circle or the square further
-    left?" -> "circle"). The two are named by shape alone: each named shape occurs once in the
-    scene, any other object has the third shape, colours are random. Their centres differ by at
-    least REL_MARGIN px along the direction's axis (so they lie in different patch columns/rows)."""
+    left?" -> "circle"), the direction drawn from ``directions``. The two are named by shape
+    alone: each named shape occurs once in the scene, any other object has the third shape,
+    colours are random. Their centres differ by at least REL_MARGIN px along the direction's axis
+    (so they lie in different patch columns/rows)."""
     a, b = rng.choice(SHAPES, size=2, replace=False).tolist()
     (third,) = set(SHAPES) - {a, b}
-    direction = _pick(rng, DIRECTIONS)
+    direction = _pick(rng, directions)
     answer = a if rng.random() < 0.5 else b
     n = int(rng.integers(2, MAX_OBJECTS + 1))
     attrs = [(a, _pick(rng, COLORS)), (b, _pick(rng, COLORS))] + _others(rng, n - 2, lambda p: p[0] == third)
@@ -243,18 +244,27 @@ _MAKERS = {"color": _q_color, "shape": _q_shape, "exist": _q_exist, "count": _q_
            "position": _q_position}
 
 
-def make_example(rng: np.random.Generator, qtype: str | None = None,
-                 size: int = SCENE_SIZE) -> Example:
-    """One example of question type ``qtype`` (uniformly random type when None)."""
+def make_example(rng: np.random.Generator, qtype: str | None = None, size: int = SCENE_SIZE,
+                 directions: tuple[str, ...] = tuple(DIRECTIONS)) -> Example:
+    """One example of question type ``qtype`` (uniformly random type when None); position
+    questions ask about one of ``directions``."""
     qtype = qtype or _pick(rng, QUESTION_TYPES)
-    scene, text, answer, refs = _MAKERS[qtype](rng, size)
+    if qtype == "position":
+        scene, text, answer, refs = _q_position(rng, size, directions)
+    else:
+        scene, text, answer, refs = _MAKERS[qtype](rng, size)
     return Example(scene, text, answer, qtype, refs)
 
 
-def generate(n: int, seed: int, size: int = SCENE_SIZE) -> list[Example]:
-    """n examples, question types cycling through QUESTION_TYPES, fully determined by ``seed``."""
+def generate(n: int, seed: int, size: int = SCENE_SIZE, qtypes: tuple[str, ...] = QUESTION_TYPES,
+             directions: tuple[str, ...] = tuple(DIRECTIONS)) -> list[Example]:
+    """n examples, question types cycling through ``qtypes`` (position questions about one of
+    ``directions``), fully determined by ``seed``."""
+    unknown = set(directions) - set(DIRECTIONS)
+    if unknown:
+        raise ValueError(f"unknown directions {sorted(unknown)} (known: {list(DIRECTIONS)})")
     rng = np.random.default_rng(seed)
-    return [make_example(rng, QUESTION_TYPES[i % len(QUESTION_TYPES)], size) for i in range(n)]
+    return [make_example(rng, qtypes[i % len(qtypes)], size, directions) for i in range(n)]
 
 
 def true_answer(scene: Scene, question: str) -> str:
