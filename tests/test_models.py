@@ -223,6 +223,30 @@ def test_vilt_vqa_record(vqa, image_path, tmp_path):
         db.close()
 
 
+@pytest.mark.parametrize("problem_type", [None, "single_label_classification"])
+def test_vilt_vqa_score_is_the_answer_probability(tmp_path, image_path, problem_type):
+    """The score is the top answer's probability from the stock forward pass (patches in ViLT's own
+    order): a sigmoid per answer, as ViLT's VQA heads are trained, or a softmax over the answers
+    for a checkpoint trained with one label per question (the bundled shapes model)."""
+    from transformers import ViltConfig, ViltForQuestionAnswering, ViltProcessor
+
+    path = build_tiny_vilt(tmp_path / "vqa")
+    if problem_type:
+        config = ViltConfig.from_pretrained(path)
+        config.problem_type = problem_type
+        config.save_pretrained(path)
+    model = load_model("vilt", [path], progress=False)
+    pred = model.data_setup(0, image_path, QUESTION)["prediction"]
+    enc = ViltProcessor.from_pretrained(path)(images=Image.open(image_path).convert("RGB"), text=QUESTION,
+                                              return_tensors="pt")
+    with torch.no_grad():
+        logits = ViltForQuestionAnswering.from_pretrained(path).eval()(**enc).logits[0].double().numpy()
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum() if problem_type \
+        else 1 / (1 + np.exp(-logits))
+    assert pred["answer"] == ANSWERS[int(probs.argmax())]
+    assert pred["score"] == pytest.approx(probs.max(), abs=1e-5)
+
+
 def test_vilt_recovers_the_shuffled_patch_order(vqa, image_path):
     """visual_embed shuffles the patches with torch.multinomial; the record must not depend on it."""
     pixel = torch.rand(1, 3, 64, 96)

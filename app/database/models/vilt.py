@@ -5,7 +5,9 @@ first time) or a local directory written by ``save_pretrained`` (model and proce
 chosen from the checkpoint's ``config.architectures``:
 
 ======================================  ===========================================================
-``ViltForQuestionAnswering``            prediction: top answer, sigmoid probability
+``ViltForQuestionAnswering``            prediction: top answer, its probability (sigmoid, as ViLT's
+                                        VQA heads are trained; softmax when the config's
+                                        ``problem_type`` is ``single_label_classification``)
 ``ViltForImageAndTextRetrieval``        prediction: "match" / "no match", the raw rank logit
 ``ViltForMaskedLM``                     prediction: the tokens filled in at ``[MASK]`` positions
 ``ViltModel``                           no prediction
@@ -176,7 +178,9 @@ class Vilt(VL_Model):
 
     def _prediction(self, out, input_ids):
         if self.architecture == "ViltForQuestionAnswering":
-            probs = torch.sigmoid(out.logits[0].float())
+            logits = out.logits[0].float()
+            single = getattr(self.config, "problem_type", None) == "single_label_classification"
+            probs = logits.softmax(-1) if single else torch.sigmoid(logits)
             idx = int(probs.argmax())
             answer = self.config.id2label.get(idx, str(idx))
             return {"answer": str(answer), "score": float(probs[idx])}
