@@ -274,3 +274,82 @@ def test_add_example_in_the_browser(dash_duo, db, vilt, tmp_path, request):
     assert z is not None and z.shape == info.grid == (4, 6)
     np.testing.assert_allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6)
     assert dash_duo.get_logs() == []
+
+
+@pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver")
+def test_bundled_model_in_the_browser(dash_duo, tmp_path):
+    """The README's first command on a copy of example_database2 (``run_app.py -d DB -m vilt
+    shapes_vqa/vilt-shapes``): upload a scene the model never saw, ask about it, and see the new
+    example with the model's (right) answer and its attention overlay; it is still stored after
+    the server stops."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from shapes_vqa import scenes
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    db_dir = tmp_path / "db"
+    shutil.copytree(os.path.join(root, "example_database2"), db_dir, ignore=shutil.ignore_patterns("lock.mdb"))
+    with VliLmdb(db_dir) as before:
+        new_id, n_layers = max(before.example_ids()) + 1, before.n_layers
+    ex = next(e for e in scenes.generate(10, seed=4321) if e.qtype == "color")
+    scene = tmp_path / "scene.png"
+    Image.fromarray(ex.scene.image).save(scene)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "run_app.py", "-d", str(db_dir), "-p", str(port),
+                               "-m", "vilt", "shapes_vqa/vilt-shapes"], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:  # until the server listens (the model loads first)
+            assert server.poll() is None, server.stdout.read()
+            assert time.time() < deadline, "run_app.py did not start listening within 120 s"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        dash_duo.driver.get(f"http://127.0.0.1:{port}/")
+        dash_duo.wait_for_element("#" + ids.ADD_UPLOAD, timeout=30)
+        dash_duo.find_element(f"#{ids.ADD_UPLOAD} input[type=file]").send_keys(str(scene))
+        dash_duo.wait_for_contains_text("#" + ids.ADD_FILE_INFO, "scene.png", timeout=10)
+        dash_duo.find_element("#" + ids.ADD_TEXT).send_keys(ex.question)
+        dash_duo.find_element("#" + ids.ADD_LABEL).send_keys(ex.answer)
+        dash_duo.find_element("#" + ids.ADD_SUBMIT).click()
+        dash_duo.wait_for_contains_text("#" + ids.ADD_STATUS, f"Example {new_id} added.", timeout=120)
+        dash_duo.wait_for_contains_text("#" + ids.EXAMPLE_SELECT, f"Example {new_id}", timeout=10)
+        dash_duo.wait_for_contains_text("#" + ids.PREDICTION, f"Prediction: {ex.answer}", timeout=10)
+        assert dash_duo.find_element(f"#{ids.PREDICTION} .badge").text == "correct"
+
+        # the shape word of "what color is the <shape>?" is token 5 ([CLS] first)
+        token = f'[id=\'{{"index":5,"type":"{ids.TOKEN}"}}\']'
+        shape = scenes.question_words(ex.question)[4]
+        dash_duo.wait_for_text_to_equal(token, shape, timeout=10)
+        dash_duo.find_element(token).click()
+        with VliLmdb(db_dir) as db:
+            info = db.example(new_id)
+            expected = db.attention(new_id, n_layers - 1, None, [5])[info.txt_len + 1:]  # patches
+        script = (f"const gd = document.getElementById('{ids.IMAGE_GRAPH}').querySelector('.js-plotly-plot');"
+                  "const z = gd && gd._fullData && gd._fullData[0] && gd._fullData[0].z;"
+                  "return z ? Array.from(z, r => Array.from(r, v => (v === null || isNaN(v)) ? null : v)) : null;")
+        deadline, z = time.time() + 15, None
+        while time.time() < deadline:  # until the overlay shows this token's attention
+            z = dash_duo.driver.execute_script(script)
+            z = None if z is None else np.array(z, dtype=float)
+            if z is not None and z.size == expected.size and np.allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6):
+                break
+            time.sleep(0.1)
+        grid = scenes.SCENE_SIZE // 16
+        assert z is not None and z.shape == info.grid == (grid, grid)
+        np.testing.assert_allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6)
+        assert dash_duo.get_logs() == []
+    finally:
+        server.terminate()
+        server.wait(30)
+    with VliLmdb(db_dir) as after:  # written to the database: there for the next start
+        assert after.example_ids()[-1] == new_id and after.example(new_id).text == ex.question
