@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import (BertTokenizer, ViltConfig, ViltForQuestionAnswering,
-                          ViltImageProcessor, ViltProcessor)
+                          ViltImageProcessorPil, ViltProcessor)
 
 from shapes_vqa import scenes
 
@@ -50,8 +50,9 @@ def build_processor() -> ViltProcessor:
     assert scenes.SCENE_SIZE % 32 == 0 and scenes.SCENE_SIZE % PATCH_SIZE == 0
     vocab = {word: i for i, word in enumerate(scenes.vocabulary())}
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=MAX_TEXT_LEN)
-    image_processor = ViltImageProcessor(size={"shortest_edge": scenes.SCENE_SIZE}, size_divisor=32,
-                                         image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD))
+    # the Pillow implementation (saved under ViLT's usual name): the default one needs torchvision
+    image_processor = ViltImageProcessorPil(size={"shortest_edge": scenes.SCENE_SIZE}, size_divisor=32,
+                                            image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD))
     return ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
@@ -258,7 +259,7 @@ def train(out: Path, curriculum=CURRICULUM, n_eval: int = 1000, batch: int = 64,
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
+    build_processor().save_pretrained(out)  # a fresh one: encoding left padding to 11 set in the tokenizer
     report = {"accuracy": acc, "train_seconds": round(train_s, 1), "steps": total,
               "steps_per_second": round(total / train_s, 2), "curriculum": stages_report,
               "batch": batch, "n_eval": n_eval, "lr": lr, "hidden": hidden, "layers": layers,

@@ -200,6 +200,8 @@ def test_quick_training_run_saves_a_loadable_model(tmp_path):
     assert report["steps"] == sum(st["steps"] for st in report["curriculum"])
     model = ViltForQuestionAnswering.from_pretrained(tmp_path)
     ViltProcessor.from_pretrained(tmp_path)
+    saved_tokenizer = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert saved_tokenizer["padding"] is None and saved_tokenizer["truncation"] is None  # not training's
     assert model.config.id2label[0] == scenes.ANSWERS[0]
     assert model.config.num_labels == len(scenes.ANSWERS)
 
