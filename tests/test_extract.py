@@ -112,6 +112,23 @@ def test_resume_after_interruption(ckpt, tmp_path, monkeypatch, capsys):
     assert sorted(read_db(out)) == [0, 1, 2, 3]
 
 
+def test_resume_after_moving_the_project(ckpt, tmp_path, capsys):
+    """The remembered run is keyed by the pairs file's path relative to the database, so a copy of
+    both somewhere else (another clone, another machine) resumes instead of adding duplicates."""
+    import shutil
+
+    here = tmp_path / "here"
+    here.mkdir()
+    pairs = write_pairs(here, GOOD)
+    assert main(["-m", "vilt", ckpt, "--pairs", str(pairs), "--out", str(here / "db"), "--no-progress"]) == 0
+    moved = shutil.copytree(here, tmp_path / "elsewhere")
+    shutil.rmtree(here)
+    assert main(["-m", "vilt", ckpt, "--pairs", str(moved / "pairs.jsonl"), "--out", str(moved / "db"),
+                 "--no-progress"]) == 0
+    assert "0 added, 2 already in the database, 0 failed" in capsys.readouterr().err
+    assert sorted(read_db(moved / "db")) == [0, 1]
+
+
 def test_second_pairs_file_continues_after_existing_ids(ckpt, tmp_path, capsys):
     first = write_pairs(tmp_path, GOOD)
     other = tmp_path / "more"

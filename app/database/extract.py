@@ -9,7 +9,8 @@ committed on its own), with a tqdm bar.
 
 Example ids: line ``k`` (1-based, blank lines count) becomes example ``first_id + k - 1``, where
 ``first_id`` is ``--first-id`` or, on the first run, ``db.reserve_example_id()`` (the next free id).
-``first_id`` is remembered per pairs file in ``extract_runs.json`` next to the database, so running
+``first_id`` is remembered per pairs file (by its path relative to the database folder) in
+``extract_runs.json`` next to the database, so running
 the same command again after an interruption skips the lines whose example is already there (same
 id and same text) and does the rest.
 
@@ -71,6 +72,13 @@ def _runs_path(out: str) -> str:
     return os.path.join(out, RUNS_FILE) if os.path.isdir(out) else out + "." + RUNS_FILE
 
 
+def _run_key(pairs_path: str, out: str) -> str:
+    """The pairs file, as a path relative to the folder of the runs file: the key still matches
+    after the project (database and pairs file together) moves to another folder or machine."""
+    runs_dir = os.path.dirname(os.path.abspath(_runs_path(out)))
+    return os.path.relpath(os.path.abspath(pairs_path), runs_dir).replace(os.sep, "/")
+
+
 def _load_runs(out: str) -> dict:
     try:
         with open(_runs_path(out)) as f:
@@ -101,7 +109,7 @@ def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, p
     with open(pairs_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     base_dir = os.path.dirname(os.path.abspath(pairs_path))
-    key = os.path.abspath(pairs_path)
+    key = _run_key(pairs_path, out)
     runs = _load_runs(out)
     existing = set(int(i) for i in db.example_ids())
     pending = set(int(k) for k in db.pending_keys() if str(k).isdigit())
