@@ -221,6 +221,24 @@ def test_path_field_only_with_allow_paths(db, vilt):
 
 
 # --------------------------------------------------------------------------------------------- browser
+OVERLAY_Z = (f"const gd = document.getElementById('{ids.IMAGE_GRAPH}').querySelector('.js-plotly-plot');"
+             "const z = gd && gd._fullData && gd._fullData[0] && gd._fullData[0].z;"
+             "return z ? Array.from(z, r => Array.from(r, v => (v === null || isNaN(v)) ? null : v)) : null;")
+
+
+def wait_for_overlay(dash_duo, expected, timeout=15):
+    """The image overlay's heatmap (rows x cols) once it shows ``expected`` (the patches' attention,
+    row-major), or what it shows when ``timeout`` runs out (None when there is no heatmap)."""
+    deadline, z = time.time() + timeout, None
+    while time.time() < deadline:
+        z = dash_duo.driver.execute_script(OVERLAY_Z)
+        z = None if z is None else np.array(z, dtype=float)
+        if z is not None and z.size == expected.size and np.allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6):
+            break
+        time.sleep(0.1)
+    return z
+
+
 @pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver")
 def test_add_example_in_the_browser(dash_duo, db, vilt, tmp_path, request):
     from app.server import create_app
@@ -259,18 +277,9 @@ def test_add_example_in_the_browser(dash_duo, db, vilt, tmp_path, request):
     token = f'[id=\'{{"index":5,"type":"{ids.TOKEN}"}}\']'
     dash_duo.wait_for_text_to_equal(token, "circle", timeout=10)
     dash_duo.find_element(token).click()
-    script = (f"const gd = document.getElementById('{ids.IMAGE_GRAPH}').querySelector('.js-plotly-plot');"
-              "const z = gd && gd._fullData && gd._fullData[0] && gd._fullData[0].z;"
-              "return z ? Array.from(z, r => Array.from(r, v => (v === null || isNaN(v)) ? null : v)) : null;")
     info = db.example(1)
     expected = db.attention(1, db.n_layers - 1, None, [5])[info.txt_len + 1:]  # patches, row-major
-    deadline, z = time.time() + 15, None
-    while time.time() < deadline:  # until the overlay shows this token's attention
-        z = dash_duo.driver.execute_script(script)
-        z = None if z is None else np.array(z, dtype=float)
-        if z is not None and z.size == expected.size and np.allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6):
-            break
-        time.sleep(0.1)
+    z = wait_for_overlay(dash_duo, expected)
     assert z is not None and z.shape == info.grid == (4, 6)
     np.testing.assert_allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6)
     assert dash_duo.get_logs() == []
@@ -334,16 +343,7 @@ def test_bundled_model_in_the_browser(dash_duo, tmp_path):
         with VliLmdb(db_dir) as db:
             info = db.example(new_id)
             expected = db.attention(new_id, n_layers - 1, None, [5])[info.txt_len + 1:]  # patches
-        script = (f"const gd = document.getElementById('{ids.IMAGE_GRAPH}').querySelector('.js-plotly-plot');"
-                  "const z = gd && gd._fullData && gd._fullData[0] && gd._fullData[0].z;"
-                  "return z ? Array.from(z, r => Array.from(r, v => (v === null || isNaN(v)) ? null : v)) : null;")
-        deadline, z = time.time() + 15, None
-        while time.time() < deadline:  # until the overlay shows this token's attention
-            z = dash_duo.driver.execute_script(script)
-            z = None if z is None else np.array(z, dtype=float)
-            if z is not None and z.size == expected.size and np.allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6):
-                break
-            time.sleep(0.1)
+        z = wait_for_overlay(dash_duo, expected)
         grid = scenes.SCENE_SIZE // 16
         assert z is not None and z.shape == info.grid == (grid, grid)
         np.testing.assert_allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6)
