@@ -240,8 +240,7 @@ def _further(box_a: Box, box_b: Box, direction: str) -> int | None:
     return None if abs(d) < REL_MARGIN else (0 if d > 0 else 1)
 
 
-_MAKERS = {"color": _q_color, "shape": _q_shape, "exist": _q_exist, "count": _q_count,
-           "position": _q_position}
+_MAKERS = {"color": _q_color, "shape": _q_shape, "exist": _q_exist, "count": _q_count}  # position: its directions too
 
 
 def make_example(rng: np.random.Generator, qtype: str | None = None, size: int = SCENE_SIZE,

@@ -213,14 +213,9 @@ def train(out: Path, curriculum=CURRICULUM, n_eval: int = 1000, batch: int = 64,
     torch.set_num_threads(threads)
     t0 = time.time()
     processor = build_processor()
-    stage_data = [encode(scenes.generate(st.n_examples, seed + 10 * k, qtypes=st.qtypes,
-                                         directions=st.directions), processor)
-                  for k, st in enumerate(curriculum)]
     eval_ex = scenes.generate(n_eval, seed + 1000 + EVAL_SEED)
     eval_data, eval_types = encode(eval_ex, processor), [e.qtype for e in eval_ex]
     del eval_ex
-    print(f"rendered {sum(st.n_examples for st in curriculum)} + {n_eval} examples in "
-          f"{time.time() - t0:.0f} s", flush=True)
 
     model = build_model(processor, hidden, layers, heads)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
@@ -230,10 +225,14 @@ def train(out: Path, curriculum=CURRICULUM, n_eval: int = 1000, batch: int = 64,
     gen = torch.Generator().manual_seed(seed)
     total = sum(st.steps for st in curriculum)
     warmup = max(1, total // 20)
-    t1 = time.time()
     bar = tqdm(total=total, desc="train", mininterval=5)
-    step, stages_report = 0, []
-    for st, data in zip(curriculum, stage_data):
+    step, stages_report, render_s = 0, [], time.time() - t0  # the held-out set's so far
+    for k, st in enumerate(curriculum):
+        # each stage's scenes are rendered when it starts: one stage's tensors in memory at a time
+        t_render = time.time()
+        data = encode(scenes.generate(st.n_examples, seed + 10 * k, qtypes=st.qtypes,
+                                      directions=st.directions), processor)
+        render_s += time.time() - t_render
         bar.set_description(st.name)
         for _, idx in zip(range(st.steps), batches(st.n_examples, batch, gen)):
             for g in opt.param_groups:
@@ -253,8 +252,11 @@ def train(out: Path, curriculum=CURRICULUM, n_eval: int = 1000, batch: int = 64,
         tqdm.write(f"end of {st.name!r} (step {step}): {_format(acc)}")
         stages_report.append({"stage": st.name, "qtypes": list(st.qtypes), "directions": list(st.directions),
                               "steps": st.steps, "n_examples": st.n_examples, "accuracy": acc})
+        del data
     bar.close()
-    train_s = time.time() - t1
+    train_s = time.time() - t0 - render_s
+    print(f"rendered {sum(st.n_examples for st in curriculum)} + {n_eval} examples in {render_s:.0f} s",
+          flush=True)
     print(f"held-out accuracy ({n_eval} examples): {_format(acc)}", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
