@@ -6,6 +6,7 @@ EXAMPLE_SELECT = "example-select"
 EXAMPLE_PREV = "example-prev"
 EXAMPLE_NEXT = "example-next"
 PREDICTION = "prediction"
+EXAMPLE_COUNT = "example-count"  # the header's "N examples · L layers × H heads"
 
 # "Add example" panel (live model).
 ADD_UPLOAD = "add-upload"

@@ -19,35 +19,14 @@ import time
 from typing import Optional, Sequence
 
 import dash
-from dash import html
 from dash._utils import to_json
 
+from app import page
 from app.context import AppContext
 from app.database.database import DatabaseError, VliLmdb
 from app.panels import example, heads, hidden, tokens
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-TITLE = "VL-InterpreT"
-
-
-def _layout(ctx: AppContext, add_panel, drawn: bool = True) -> html.Div:
-    """The page, with the first example already drawn in it: the browser draws each figure once,
-    as soon as plotly.js is loaded, instead of waiting for a wave of callbacks to fill them (the
-    callbacks that would draw an example do not fire on page load). ``drawn=False``: the same
-    components with no example in them."""
-    db = ctx.db
-    ex_ids = db.example_ids()
-    first = ex_ids[0] if ex_ids and drawn else None
-    header = html.Header([
-        html.Div([html.H1(TITLE), html.Span(f"{len(ex_ids)} examples · {db.n_layers} layers × {db.n_heads} heads",
-                                            className="muted")], className="brand"),
-        example.layout(ctx, first),
-    ], className="topbar")
-    left = [heads.layout(ctx, first)] + ([add_panel.layout(ctx)] if add_panel is not None else [])
-    grid = html.Main([html.Div(left, className="col col-left"),
-                      html.Div(tokens.layout(ctx, first), className="col col-mid"),
-                      html.Div(hidden.layout(ctx, first), className="col col-right")], className="grid")
-    return html.Div([header, grid], className="app")
 
 
 class _VliDash(dash.Dash):
@@ -93,13 +72,13 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
     add_panel = None
     if model is not None:
         from app.panels import add_example as add_panel  # C2's panel (needs the model)
-    app = _VliDash(db, name=__name__, title=TITLE, assets_folder=ASSETS, update_title=None,
+    app = _VliDash(db, name=__name__, title=page.TITLE, assets_folder=ASSETS, update_title=None,
                    suppress_callback_exceptions=False)
     # Dash sends its validation layout (every component id, for checking callbacks) inside every
     # index page; by default that is a first build of the layout, figures and image included
     # (~400 kB for a large example), so give it the same components without an example drawn.
-    app.validation_layout = _layout(ctx, add_panel, drawn=False)
-    app.layout = lambda: _layout(ctx, add_panel)  # per page load: new examples show after a reload
+    app.validation_layout = page.page_layout(ctx, add_panel, drawn=False)
+    app.layout = lambda: page.page_layout(ctx, add_panel)  # per page load: new examples show after a reload
     for panel in (example, heads, tokens, hidden):
         panel.register_callbacks(app, ctx)
     if add_panel is not None:

@@ -13,7 +13,7 @@ def example_options(db) -> list[dict]:
 
 
 def layout(ctx, ex_id):
-    """The selector showing ``ex_id`` (the page opens on it; see server._layout)."""
+    """The selector showing ``ex_id`` (the page opens on it; see app.page)."""
     return html.Div([
         html.Button("◀", id=ids.EXAMPLE_PREV, title="previous example", className="nav-btn"),
         dcc.Dropdown(id=ids.EXAMPLE_SELECT, options=example_options(ctx.db),

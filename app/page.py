@@ -1,0 +1,35 @@
+"""The page: the header and the three columns of panels, built from the panels' layouts."""
+from __future__ import annotations
+
+from dash import html
+
+from app import ids
+from app.context import AppContext
+from app.panels import example, heads, hidden, tokens
+
+TITLE = "VL-InterpreT"
+
+
+def page_layout(ctx: AppContext, add_panel, drawn: bool = True) -> html.Div:
+    """The page, with the first example already drawn in it: the browser draws each figure once,
+    as soon as plotly.js is loaded, instead of waiting for a wave of callbacks to fill them (the
+    callbacks that would draw an example do not fire on page load). ``drawn=False``: the same
+    components with no example in them."""
+    db = ctx.db
+    ex_ids = db.example_ids()
+    first = ex_ids[0] if ex_ids and drawn else None
+    header = html.Header([
+        html.Div([html.H1(TITLE), html.Span(example_count_text(db, len(ex_ids)), id=ids.EXAMPLE_COUNT,
+                                            className="muted")], className="brand"),
+        example.layout(ctx, first),
+    ], className="topbar")
+    left = [heads.layout(ctx, first)] + ([add_panel.layout(ctx)] if add_panel is not None else [])
+    grid = html.Main([html.Div(left, className="col col-left"),
+                      html.Div(tokens.layout(ctx, first), className="col col-mid"),
+                      html.Div(hidden.layout(ctx, first), className="col col-right")], className="grid")
+    return html.Div([header, grid], className="app")
+
+
+def example_count_text(db, n_examples: int) -> str:
+    """The header's "30 examples · 4 layers × 4 heads" (also refreshed after an example is added)."""
+    return f"{n_examples} examples · {db.n_layers} layers × {db.n_heads} heads"
