@@ -33,9 +33,15 @@ def loop_statistics(attention, txt_len, special):
             out["txt2txt"][layer, head] = mean_mass(a, text, lambda q: text)
             out["img2img"][layer, head] = mean_mass(a, image, lambda q: image)
             out["img2img_nodiag"][layer, head] = mean_mass(a, image, lambda q: [k for k in image if k != q])
+            # the two directions weigh the same (the original VL-InterpreT's definition)
             out["cross_modal"][layer, head] = (
-                mean_mass(a, text + image, lambda q: image if q in text else text) if both else math.nan)
-            out["intra_modal"][layer, head] = mean_mass(a, text + image, lambda q: text if q in text else image)
+                (out["txt2img"][layer, head] + out["img2txt"][layer, head]) / 2 if both else math.nan)
+            if both:
+                out["intra_modal"][layer, head] = (out["txt2txt"][layer, head] + out["img2img"][layer, head]) / 2
+            else:
+                out["intra_modal"][layer, head] = mean_mass(a, text + image, lambda q: text if q in text else image)
+            specials = [k for k in range(n) if special[k]]
+            out["to_special"][layer, head] = mean_mass(a, text + image, lambda q: specials)
     return out
 
 
@@ -88,4 +94,17 @@ def test_missing_groups_give_nan_and_definitions_hold():
     attention[..., 0] = 1.0
     special = np.array([True, False, False, False, False, False])
     stats = head_statistics(attention, 3, special)
-    assert all(stats[key][0, 0] == 0 for key in STATISTICS)
+    assert all(stats[key][0, 0] == 0 for key in STATISTICS if key != "to_special")
+    assert stats["to_special"][0, 0] == 1  # ... and the special-token statistic says where it went
+
+
+def test_cross_modal_weighs_both_directions_equally():
+    """With many more image than text queries, pooling all queries would follow image → text alone."""
+    txt_len, n = 2, 12
+    attention = np.zeros((1, 1, n, n), np.float32)
+    attention[0, 0, :txt_len, txt_len:] = 1 / (n - txt_len)     # text queries: all mass to the image
+    attention[0, 0, txt_len:, txt_len:] = 1 / (n - txt_len)     # image queries: all mass to the image
+    stats = head_statistics(attention, txt_len, np.zeros(n, bool))
+    assert stats["txt2img"][0, 0] == pytest.approx(1) and stats["img2txt"][0, 0] == pytest.approx(0)
+    assert stats["cross_modal"][0, 0] == pytest.approx(0.5)   # pooled: 2 / 12 = 0.167
+    assert stats["intra_modal"][0, 0] == pytest.approx(0.5)   # (text → text 0 + image → image 1) / 2

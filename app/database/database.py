@@ -13,8 +13,8 @@ if __name__ == "database":  # imported from inside app/database/
         sys.path.insert(0, _ROOT)
 
 from app.database.store import (  # noqa: E402
-    SCHEMA_VERSION, DatabaseError, ExampleInfo, Neighbor, PreprocessReport, RecordError, SearchCost,
-    VliLmdb)
+    SCHEMA_VERSION, CorruptValueError, DatabaseError, ExampleInfo, Neighbor, PreprocessReport, RecordError,
+    SearchCost, VliLmdb)
 
-__all__ = ["VliLmdb", "DatabaseError", "RecordError", "ExampleInfo", "PreprocessReport", "Neighbor",
-           "SearchCost", "SCHEMA_VERSION"]
+__all__ = ["VliLmdb", "DatabaseError", "RecordError", "CorruptValueError", "ExampleInfo", "PreprocessReport",
+           "Neighbor", "SearchCost", "SCHEMA_VERSION"]

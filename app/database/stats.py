@@ -13,12 +13,16 @@ special tokens are dropped, so a head that sends most of its mass to ``[CLS]`` s
 everywhere (which is what one wants to see).
 
 * ``img2img_nodiag`` leaves out each image query's attention to itself (``k != q``).
-* ``cross_modal``: the mean over all non-special queries (text and image together) of the mass
-  they give to the *other* modality; ``intra_modal`` likewise to their *own* modality.
+* ``cross_modal`` is the mean of the two directions, ``(txt2img + img2txt) / 2``, and ``intra_modal``
+  the mean ``(txt2txt + img2img) / 2``, as the original VL-InterpreT defined them: each direction
+  weighs the same whatever the number of tokens of each modality (pooling all queries instead would
+  let the larger modality, usually the image, decide the value).  With one modality only,
+  ``intra_modal`` is that modality's own statistic.
+* ``to_special``: the mean over all non-special queries of the mass they give to special tokens,
+  i.e. what the other statistics leave out (``[CLS]``/``[SEP]`` often take most of a head's mass).
 
 A statistic whose query or key group is empty (a text-only or image-only example, or one whose
-tokens are all special) is NaN; ``cross_modal`` needs both modalities.  ``intra_modal`` is defined
-as long as there is at least one non-special query.  The app shows NaN as "n/a".
+tokens are all special) is NaN; ``cross_modal`` needs both modalities.  The app shows NaN as "n/a".
 """
 from __future__ import annotations
 
@@ -28,22 +32,28 @@ import numpy as np
 
 __all__ = ["STATISTICS", "head_statistics"]
 
+RAW = ("; raw weights: the mass special tokens take is not renormalised away (see “to special tokens”)")
+
 #: key -> (label, description), in display order.
 STATISTICS: "OrderedDict[str, tuple[str, str]]" = OrderedDict([
     ("txt2img", ("text → image",
-                 "mean over text queries of the attention mass given to image tokens")),
+                 "mean over text queries of the attention mass given to image tokens" + RAW)),
     ("img2txt", ("image → text",
-                 "mean over image queries of the attention mass given to text tokens")),
+                 "mean over image queries of the attention mass given to text tokens" + RAW)),
     ("txt2txt", ("text → text",
-                 "mean over text queries of the attention mass given to text tokens")),
+                 "mean over text queries of the attention mass given to text tokens" + RAW)),
     ("img2img", ("image → image",
-                 "mean over image queries of the attention mass given to image tokens")),
+                 "mean over image queries of the attention mass given to image tokens" + RAW)),
     ("img2img_nodiag", ("image → image (no self)",
-                        "as image → image, leaving out each token's attention to itself")),
+                        "as image → image, leaving out each token's attention to itself" + RAW)),
     ("cross_modal", ("cross-modal (both directions)",
-                     "mean over all queries of the attention mass given to the other modality")),
+                     "mean of text → image and image → text, so that each direction weighs the same" + RAW)),
     ("intra_modal", ("intra-modal (both modalities)",
-                     "mean over all queries of the attention mass given to their own modality")),
+                     "mean of text → text and image → image (one of them when the example has one "
+                     "modality)" + RAW)),
+    ("to_special", ("to special tokens",
+                    "mean over all text and image queries of the attention mass given to special tokens "
+                    "([CLS], [SEP], …): the mass every other statistic leaves out")),
 ])
 
 
@@ -72,6 +82,7 @@ def head_statistics(attention: np.ndarray, txt_len: int, special: np.ndarray) ->
     # (L, H, n): mass each query gives to the non-special keys of each group (one matmul each).
     to_text = attention @ text.astype(np.float32)
     to_image = attention @ image.astype(np.float32)
+    to_special = attention @ special.astype(np.float32)
     self_attention = np.diagonal(attention, axis1=-2, axis2=-1)  # (L, H, n)
     both = text.any() and image.any()
     nan = np.full(attention.shape[:2], np.nan, dtype=np.float32)
@@ -79,15 +90,21 @@ def head_statistics(attention: np.ndarray, txt_len: int, special: np.ndarray) ->
     def needs(group_ok: bool, value: np.ndarray) -> np.ndarray:
         return value if group_ok else nan
 
-    other = np.where(is_text, to_image, to_text)
-    own = np.where(is_text, to_text, to_image)
-    queries = text | image
+    txt2img = needs(both, _masked_mean(to_image, text))
+    img2txt = needs(both, _masked_mean(to_text, image))
+    txt2txt = _masked_mean(to_text, text)
+    img2img = _masked_mean(to_image, image)
+    if both:
+        intra = (txt2txt + img2img) / 2
+    else:  # one modality (or none): its own statistic, NaN when neither has a query
+        intra = txt2txt if text.any() else img2img
     return OrderedDict([
-        ("txt2img", needs(both, _masked_mean(to_image, text))),
-        ("img2txt", needs(both, _masked_mean(to_text, image))),
-        ("txt2txt", _masked_mean(to_text, text)),
-        ("img2img", _masked_mean(to_image, image)),
+        ("txt2img", txt2img),
+        ("img2txt", img2txt),
+        ("txt2txt", txt2txt),
+        ("img2img", img2img),
         ("img2img_nodiag", _masked_mean(to_image - self_attention, image)),
-        ("cross_modal", needs(both, _masked_mean(other, queries))),
-        ("intra_modal", _masked_mean(own, queries)),
+        ("cross_modal", needs(both, (txt2img + img2txt) / 2)),
+        ("intra_modal", intra.astype(np.float32)),
+        ("to_special", _masked_mean(to_special, text | image)),
     ])

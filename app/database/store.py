@@ -8,25 +8,33 @@ sub-db     key                    value
 meta       ``schema_version``     JSON int; checked on open
 meta       ``n_layers`` ...       JSON: n_layers, n_heads, hidden_size, special_tokens,
                                   custom_metrics (names), next_id, nn_dim, nn_tail, nn_shards
-meta       ``nn_projection``      float32 (hidden_size, nn_dim) raw bytes (see neighbors.py)
-pending    ``str(ex_id)``         the user's raw pickle, until preprocess() converts it
+meta       ``nn_projection``      float32 raw bytes (see neighbors.py)
 info       ``E``                  JSON: tokens, txt_len, special, coords, grid, image_size,
-                                  accuracy, prediction, text, custom_metrics (names),
-                                  attention_exp
+                                  accuracy, prediction, text, notes, custom_metrics (names),
+                                  attention_exp, source (xxh3 of the raw pickle it came from)
 ids        ``E``                  empty: the example ids alone, so that listing them reads a few
-                                  pages (an ``info`` value is an overflow page, and walking
-                                  ``info`` touches one per example); databases written before it
-                                  existed are listed from ``info``
+                                  pages (an ``info`` value is an overflow page)
 image      ``E``                  PNG bytes
 attention  ``E/LLL``              float16 little-endian (heads, n, n) holding attention *
                                   2**attention_exp (info), layer 0..n_layers-1
 hidden     ``E/LLL``              float16 little-endian (n, hidden), layer 0..n_layers (clipped
-                                  to the float16 range)
+                                  to the float16 range, +-65 504)
 tsne       ``E``                  float32 (n_layers + 1, n, 2)
 stats      ``E``                  float32 (n_statistics, n_layers, n_heads): the built-ins of
                                   stats.STATISTICS, then the example's custom metrics
 nn         see neighbors.py       projected unit vectors, tail values and sealed shards
 =========  =====================  ==============================================================
+
+Every value carries a checksum (:mod:`app.database.checksum`), checked on every read: a damaged
+value raises :class:`CorruptValueError` naming the example and what was damaged, and the rest of the
+database stays readable.
+
+Raw records written with ``db[key] = pickle`` wait in a second LMDB environment, ``DB/pending/``,
+until :meth:`VliLmdb.preprocess` converts them; it is removed once empty.  So the main file never
+fills with the free pages the raw pickles leave behind, and nothing ever rewrites, replaces or
+truncates a file that another process may have mapped (an idle app holds no LMDB reader slot, so
+"nobody is reading" cannot be known).  Whoever has ``pending/`` open holds a shared ``flock`` on
+``DB/pending.lock``; it is removed only under an exclusive one.
 
 Every read opens one short read transaction (``with env.begin(buffers=True)``), copies what it
 needs out of the zero-copy views, and closes it; transactions are never shared across threads.
@@ -35,6 +43,7 @@ written in its own write transaction.  Call :meth:`VliLmdb.close` explicitly (or
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -44,22 +53,28 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import lmdb
 import numpy as np
+import xxhash
 
 from app.database import neighbors, safe_pickle
+from app.database.checksum import CHECKSUM_BYTES, CorruptValueError, open_value, seal_value
 from app.database.neighbors import Neighbor, SearchCost
 from app.database.records import DEFAULT_SPECIAL_TOKENS, Record, RecordError, validate_record
 from app.database.stats import STATISTICS, head_statistics
 
-__all__ = ["VliLmdb", "DatabaseError", "RecordError", "ExampleInfo", "PreprocessReport",
+__all__ = ["VliLmdb", "DatabaseError", "RecordError", "CorruptValueError", "ExampleInfo", "PreprocessReport",
            "Neighbor", "SearchCost", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
-SUB_DBS = (b"meta", b"pending", b"info", b"ids", b"image", b"attention", b"hidden", b"tsne", b"stats", b"nn")
+SCHEMA_VERSION = 2  # 2: checksummed values, pending records in their own environment
+SUB_DBS = (b"meta", b"info", b"ids", b"image", b"attention", b"hidden", b"tsne", b"stats", b"nn")
+PENDING_DIR = "pending"
+PENDING_LOCK = "pending.lock"
+UPGRADE_HINT = "python -m app.database.upgrade"
 MAP_SIZES = (1 << 40, 1 << 36, 1 << 32)  # sparse on Linux; smaller fall-backs for tight ulimits
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 PIPELINE = True  # preprocess(): compute the next example in a worker thread (False: one by one, to measure)
@@ -77,6 +92,19 @@ _REGISTRY: dict[tuple[int, str], _SharedEnv] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
+@dataclass
+class _OpenPending:
+    """The pending environment while some VliLmdb of this process uses it (refcounted), with the
+    shared flock that keeps other processes from removing it meanwhile."""
+
+    env: lmdb.Environment
+    lock_fd: int
+    users: int = 1
+
+
+_PENDING: dict[tuple[int, str], _OpenPending] = {}
+
+
 def _after_fork_in_child() -> None:
     global _REGISTRY_LOCK
     _REGISTRY_LOCK = threading.Lock()  # a parent thread may have held it at the fork
@@ -88,6 +116,30 @@ if hasattr(os, "register_at_fork"):
 
 class DatabaseError(RuntimeError):
     """The path is not a usable VL-InterpreT database; the message says what to do."""
+
+
+def _open_lmdb(path: str, quoted: str, readonly: bool, max_dbs: int) -> lmdb.Environment:
+    """lmdb.open with the largest map this process may reserve, and a check that the file is whole:
+    reading a page past the end of a truncated file kills the process with SIGBUS."""
+    for map_size in MAP_SIZES:
+        try:
+            env = lmdb.open(path, map_size=map_size, max_dbs=max_dbs, subdir=True, readonly=readonly,
+                            lock=True, max_readers=512)
+            break
+        except lmdb.MemoryError:
+            continue
+        except lmdb.Error as error:
+            raise DatabaseError(f"{quoted} could not be opened as an LMDB database: {error}") from None
+    else:
+        raise DatabaseError(f"{quoted}: not enough address space to map the database")
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    if size < needed:
+        env.close()
+        raise DatabaseError(f"{quoted}: data.mdb is truncated ({size:,} bytes, but its last page ends at "
+                            f"{needed:,}): it was cut short (a full disk or an interrupted copy); restore it "
+                            f"from a backup")
+    return env
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: compared by identity (it holds an array)
@@ -104,6 +156,7 @@ class ExampleInfo:
     accuracy: Optional[bool]
     prediction: Optional[dict]
     text: Optional[str]
+    notes: tuple[str, ...] = ()         # shown with the example (e.g. "the text was cut to ...")
     attention_exp: int = 0              # storage detail: attention is stored as float16(a * 2**exp)
 
     @property
@@ -121,6 +174,9 @@ class PreprocessReport:
 
     added: list[int] = field(default_factory=list)
     failed: dict[Union[int, str], str] = field(default_factory=dict)
+    # pending records found already stored: an interrupted run had committed the example but not
+    # yet cleared its raw record
+    already: list[int] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
 
@@ -138,6 +194,7 @@ class _Prepared:
 
     record: Record
     key: Optional[bytes]               # pending key, None for add_record
+    source: Optional[str]              # xxh3 of the pending raw pickle, None for add_record
     values: dict[bytes, dict[bytes, bytes]]  # sub-db -> key -> value
     projection: bytes
     seconds: dict[str, float]
@@ -153,7 +210,11 @@ def _lkey(ex_id: int, layer: int) -> bytes:
 
 def _key_name(key: bytes) -> Union[int, str]:
     text = key.decode("utf-8", "replace")
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isdigit() and len(text) <= 18 else text
+
+
+def _source_hash(raw: bytes) -> str:
+    return xxhash.xxh3_64_hexdigest(raw)
 
 
 def _tsne_maps(hidden: np.ndarray) -> np.ndarray:
@@ -193,7 +254,6 @@ class VliLmdb:
         self._env, self._dbs = self._shared.env, self._shared.dbs
         self._pid = os.getpid()
         self._meta_cache: dict[str, Any] = {}
-        self._check_schema()
         if read_only:
             self._check_preprocessed()
         self._check_special_tokens()
@@ -229,18 +289,7 @@ class VliLmdb:
             return shared
 
     def _open_env(self, path: str, quoted: str):
-        env = None
-        for map_size in MAP_SIZES:
-            try:
-                env = lmdb.open(path, map_size=map_size, max_dbs=len(SUB_DBS) + 4, subdir=True,
-                                readonly=self.read_only, lock=True, max_readers=512)
-                break
-            except lmdb.MemoryError:
-                continue
-            except lmdb.Error as error:
-                raise DatabaseError(f"{quoted} could not be opened as an LMDB database: {error}") from None
-        if env is None:
-            raise DatabaseError(f"{quoted}: not enough address space to map the database")
+        env = _open_lmdb(path, quoted, self.read_only, max_dbs=len(SUB_DBS) + 4)
         try:
             try:
                 meta = env.open_db(b"meta", create=False)
@@ -251,8 +300,12 @@ class VliLmdb:
                         f"table): choose an empty folder for a new database") from None
                 meta = env.open_db(b"meta", create=True)
                 with env.begin(write=True) as txn:
-                    txn.put(b"schema_version", json.dumps(SCHEMA_VERSION).encode(), db=meta)
-                    txn.put(b"next_id", b"0", db=meta)
+                    txn.put(b"schema_version", seal_value(json.dumps(SCHEMA_VERSION).encode()), db=meta)
+                    txn.put(b"next_id", seal_value(b"0"), db=meta)
+            with env.begin() as txn:
+                version = self._stored_schema(txn.get(b"schema_version", db=meta), quoted)
+            if version != SCHEMA_VERSION:
+                raise self._schema_error(version, quoted)
             dbs = {b"meta": meta}
             for name in SUB_DBS[1:]:
                 try:
@@ -264,23 +317,38 @@ class VliLmdb:
             raise
         return env, {name.decode(): db for name, db in dbs.items()}
 
-    def _check_schema(self) -> None:
-        version = self._meta("schema_version")
-        quoted = repr(self.path)
-        if version is None:
-            self.close()
+    @staticmethod
+    def _stored_schema(raw, quoted: str):
+        """The schema version in ``raw``: sealed (version 2 on), or plain JSON (version 1)."""
+        if raw is None:
             raise DatabaseError(f"{quoted} has a 'meta' table without a schema version: it is not a "
                                 f"VL-InterpreT database; choose an empty folder for a new database")
-        if version != SCHEMA_VERSION:
-            self.close()
-            raise DatabaseError(
-                f"{quoted} was written by a newer/unknown schema version {version}; this VL-InterpreT "
-                f"reads version {SCHEMA_VERSION}: upgrade VL-InterpreT or re-create the database")
+        damaged = DatabaseError(f"{quoted}: its schema version is damaged; restore the database from a backup")
+        try:
+            return json.loads(bytes(open_value(raw, "schema version")))
+        except CorruptValueError:
+            try:
+                version = json.loads(bytes(raw))
+            except ValueError:
+                raise damaged from None
+            if version == 1:  # written before values had checksums
+                return 1
+            raise damaged from None
+
+    @staticmethod
+    def _schema_error(version, quoted: str) -> DatabaseError:
+        if version == 1:
+            return DatabaseError(f"{quoted} was written by an older VL-InterpreT (schema version 1, values "
+                                 f"without checksums): upgrade it in place with `{UPGRADE_HINT} {quoted}` "
+                                 f"(nothing is lost)")
+        return DatabaseError(f"{quoted} was written by a newer/unknown schema version {version}; this "
+                             f"VL-InterpreT reads version {SCHEMA_VERSION}: upgrade VL-InterpreT or "
+                             f"re-create the database")
 
     def _check_preprocessed(self) -> None:
         if self._count("info") > 0:
             return
-        pending = self._count("pending")
+        pending = len(self.pending_keys())
         quoted = repr(self.path)
         self.close()
         if pending:
@@ -332,10 +400,15 @@ class VliLmdb:
             with self._read() as txn:
                 return self._meta(key, txn)
         raw = txn.get(key.encode(), db=self._dbs["meta"])
-        return None if raw is None else json.loads(bytes(raw))
+        if raw is None:
+            return None
+        try:
+            return json.loads(bytes(open_value(raw, f"database setting {key!r}")))
+        except CorruptValueError as error:
+            raise DatabaseError(f"{self.path!r}: {error}; restore the database from a backup") from None
 
     def _put_meta(self, txn, key: str, value: Any) -> None:
-        txn.put(key.encode(), json.dumps(value).encode(), db=self._dbs["meta"])
+        txn.put(key.encode(), seal_value(json.dumps(value).encode()), db=self._dbs["meta"])
 
     def _fixed_meta(self, key: str) -> Any:
         """A meta value that never changes once set (dimensions, special tokens)."""
@@ -358,42 +431,9 @@ class VliLmdb:
                     _REGISTRY.pop((self._pid, os.path.realpath(self.path)), None)
                     self._env.close()
 
-    def _reclaim_free_space(self) -> None:
-        """Rewrite the file compacted when more than a quarter of it is free pages.
-
-        LMDB files never shrink: once preprocessed, the pages that held the raw pickles are free but
-        stay on disk (a 250-token 12x12 record pickles to ~44 MB, its stored example takes ~24 MB).
-        Skipped while anything else has the database open (another VliLmdb here, or any reader
-        in another process), because they would keep mapping the old file.
-        """
-        env = self._environment()
-        ours = str(os.getpid())
-        others = [line.split()[0] for line in env.readers().splitlines()[1:] if line.split()]
-        if self._shared.users > 1 or any(pid != ours for pid in others):
-            return
-        with env.begin() as txn:
-            stats = [env.stat()] + [txn.stat(db) for db in self._dbs.values() if db is not None]
-        used = sum(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"] for st in stats)
-        if used > 0.75 * (env.info()["last_pgno"] + 1):  # less than a quarter free: not worth a copy
-            return
-        scratch = os.path.join(self.path, "compacting.tmp")
-        shutil.rmtree(scratch, ignore_errors=True)
-        os.makedirs(scratch)
-        try:
-            env.copy(scratch, compact=True)
-            with _REGISTRY_LOCK:
-                env.close()
-                try:  # atomic: the old file stays whole until the compacted one replaces it
-                    os.replace(os.path.join(scratch, "data.mdb"), os.path.join(self.path, "data.mdb"))
-                finally:
-                    self._shared.env, self._shared.dbs = self._open_env(self.path, repr(self.path))
-                    self._env, self._dbs = self._shared.env, self._shared.dbs
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-
     def compact_copy(self, dest: Union[str, os.PathLike]) -> None:
-        """Write a compacted copy of the database to the new folder ``dest`` (free pages left by
-        pending records and rewritten values are dropped; LMDB files never shrink in place)."""
+        """Write a compacted copy of the database to the new folder ``dest`` (LMDB files never shrink
+        in place: the copy drops the free pages of deleted values). Pending records are not copied."""
         dest = os.fspath(dest)
         os.makedirs(dest, exist_ok=False)
         self._environment().copy(dest, compact=True)
@@ -433,21 +473,88 @@ class VliLmdb:
         return self._environment().info()["last_txnid"]
 
     def example_ids(self) -> list[int]:
-        """The ids of all preprocessed examples, sorted (from ``ids`` when it lists them all)."""
+        """The ids of all preprocessed examples, sorted (keys of the small ``ids`` table)."""
         with self._read() as txn:
-            name = "ids" if self._count("ids", txn) == self._count("info", txn) else "info"
-            cursor = txn.cursor(db=self._dbs[name]) if self._dbs[name] is not None else None
-            return [] if cursor is None else [int(bytes(k)) for k in cursor.iternext(values=False)]
+            if self._dbs["ids"] is None:
+                return []
+            return [int(bytes(k)) for k in txn.cursor(db=self._dbs["ids"]).iternext(values=False)]
 
     def __len__(self) -> int:
         return self._count("info")
 
     def pending_keys(self) -> list[str]:
         """Keys of the raw records waiting for preprocess()."""
-        if self._dbs["pending"] is None:
-            return []
-        with self._read() as txn:
-            return [bytes(k).decode() for k in txn.cursor(db=self._dbs["pending"]).iternext(values=False)]
+        with self._pending() as env:
+            if env is None:
+                return []
+            with env.begin() as txn:
+                return [bytes(k).decode("utf-8", "replace") for k in txn.cursor().iternext(values=False)]
+
+    # ----------------------------------------------------------------------------- pending records
+    @contextmanager
+    def _pending(self, create: bool = False) -> Iterator[Optional[lmdb.Environment]]:
+        """The pending environment for the duration of a ``with`` (None when there is none and
+        ``create`` is false); see the module docstring for why it is opened only while used."""
+        self._environment()  # closed / forked checks
+        folder = os.path.join(self.path, PENDING_DIR)
+        key = (os.getpid(), os.path.realpath(folder))
+        with _REGISTRY_LOCK:
+            entry = _PENDING.get(key)
+            if entry is not None:
+                entry.users += 1
+            elif create or os.path.isfile(os.path.join(folder, "data.mdb")):
+                if create and self.read_only:
+                    raise DatabaseError(f"{self.path!r} was opened read-only: use VliLmdb(..., read_only=False)")
+                entry = self._open_pending(folder)
+                _PENDING[key] = entry
+        if entry is None:
+            yield None
+            return
+        try:
+            yield entry.env
+        finally:
+            with _REGISTRY_LOCK:
+                entry.users -= 1
+                if entry.users == 0:
+                    _PENDING.pop(key, None)
+                    entry.env.close()
+                    os.close(entry.lock_fd)  # releases the shared flock
+
+    def _open_pending(self, folder: str) -> _OpenPending:
+        writable = os.access(self.path, os.W_OK)
+        lock_path = os.path.join(self.path, PENDING_LOCK)
+        fd = os.open(lock_path, (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process removes the folder
+            if writable:
+                os.makedirs(folder, exist_ok=True)
+            env = _open_lmdb(folder, repr(folder), readonly=not writable, max_dbs=0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _OpenPending(env=env, lock_fd=fd)
+
+    def _remove_pending_if_empty(self) -> None:
+        """Remove ``pending/`` when it holds nothing and no process (this one included) has it open."""
+        folder = os.path.join(self.path, PENDING_DIR)
+        with _REGISTRY_LOCK:
+            if (os.getpid(), os.path.realpath(folder)) in _PENDING or not os.path.isdir(folder):
+                return
+            fd = os.open(os.path.join(self.path, PENDING_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # another process is using it: it stays, harmlessly, until next time
+                env = _open_lmdb(folder, repr(folder), readonly=False, max_dbs=0)
+                try:
+                    empty = env.stat()["entries"] == 0
+                finally:
+                    env.close()
+                if empty:
+                    shutil.rmtree(folder)
+            finally:
+                os.close(fd)
 
     def statistic_names(self) -> list[str]:
         """The built-in statistic keys (stats.STATISTICS), then the custom metric names."""
@@ -461,10 +568,7 @@ class VliLmdb:
                 self._cache.move_to_end(ex_id)
                 return self._cache[ex_id]
         with self._read() as txn:
-            raw = txn.get(_ekey(ex_id), db=self._dbs["info"])
-            if raw is None:
-                raise KeyError(f"example {ex_id} is not in the database {self.path!r}")
-            data = json.loads(bytes(raw))
+            data = json.loads(bytes(self._get(txn, "info", _ekey(ex_id), ex_id, "description")))
         special = np.array(data["special"], dtype=bool)
         special.flags.writeable = False
         info = ExampleInfo(
@@ -472,18 +576,21 @@ class VliLmdb:
             coords=tuple(None if c is None else tuple(c) for c in data["coords"]),
             grid=None if data["grid"] is None else tuple(data["grid"]),
             image_size=tuple(data["image_size"]), accuracy=data["accuracy"],
-            prediction=data["prediction"], text=data["text"], attention_exp=data.get("attention_exp", 0))
+            prediction=data["prediction"], text=data["text"], notes=tuple(data["notes"]),
+            attention_exp=data["attention_exp"])
         with self._lock:
             self._cache[ex_id] = info
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return info
 
-    def _get(self, txn, name: str, key: bytes, ex_id: int):
-        raw = txn.get(key, db=self._dbs[name])
+    def _get(self, txn, name: str, key: bytes, ex_id: int, what: str) -> memoryview:
+        """The checked payload of one value of example ``ex_id`` (KeyError when absent,
+        CorruptValueError naming the example and ``what`` when damaged)."""
+        raw = txn.get(key, db=self._dbs[name]) if self._dbs[name] is not None else None
         if raw is None:
             raise KeyError(f"example {ex_id} is not in the database {self.path!r}")
-        return raw
+        return open_value(raw, f"example {ex_id}, {what}")
 
     def _check_layer(self, layer: int, hidden: bool) -> int:
         top = self.n_layers + (1 if hidden else 0)
@@ -504,7 +611,7 @@ class VliLmdb:
     def image_png(self, ex_id: int) -> bytes:
         """The example's image as PNG bytes."""
         with self._read() as txn:
-            return bytes(self._get(txn, "image", _ekey(int(ex_id)), ex_id))
+            return bytes(self._get(txn, "image", _ekey(int(ex_id)), ex_id, "image"))
 
     def image(self, ex_id: int) -> np.ndarray:
         """The example's image, uint8 (H, W, 3)."""
@@ -528,8 +635,8 @@ class VliLmdb:
         if rows.min() < 0 or rows.max() >= n:
             raise IndexError(f"query tokens {rows.tolist()} out of range 0..{n - 1}")
         with self._read() as txn:
-            view = np.frombuffer(self._get(txn, "attention", _lkey(info.ex_id, layer), ex_id),
-                                 dtype="<f2").reshape(self.n_heads, n, n)
+            view = np.frombuffer(self._get(txn, "attention", _lkey(info.ex_id, layer), ex_id,
+                                           f"attention of layer {layer}"), dtype="<f2").reshape(self.n_heads, n, n)
             picked = view[head, rows] if head is not None else view[:, rows]  # copies the rows
         return picked.astype(np.float32).reshape(-1, n).mean(axis=0) * np.float32(2.0 ** -info.attention_exp)
 
@@ -539,8 +646,8 @@ class VliLmdb:
         layer, head = self._check_layer(layer, hidden=False), self._check_head(head)
         n = info.n_tokens
         with self._read() as txn:
-            view = np.frombuffer(self._get(txn, "attention", _lkey(info.ex_id, layer), ex_id),
-                                 dtype="<f2").reshape(self.n_heads, n, n)
+            view = np.frombuffer(self._get(txn, "attention", _lkey(info.ex_id, layer), ex_id,
+                                           f"attention of layer {layer}"), dtype="<f2").reshape(self.n_heads, n, n)
             matrix = view[head].astype(np.float32) if head is not None else view.astype(np.float32).mean(axis=0)
         return matrix * np.float32(2.0 ** -info.attention_exp)
 
@@ -549,17 +656,17 @@ class VliLmdb:
         info = self.example(ex_id)
         layer = self._check_layer(layer, hidden=True)
         with self._read() as txn:
-            raw = self._get(txn, "hidden", _lkey(info.ex_id, layer), ex_id)
+            raw = self._get(txn, "hidden", _lkey(info.ex_id, layer), ex_id, f"hidden states of layer {layer}")
             return np.frombuffer(raw, dtype="<f2").reshape(info.n_tokens, -1).astype(np.float32)
 
     def head_statistics(self, ex_id: int) -> dict[str, np.ndarray]:
         """{name: float32 (n_layers, n_heads)} for statistic_names(); NaN where undefined/absent."""
         ex_id = int(ex_id)
         with self._read() as txn:
-            raw = self._get(txn, "stats", _ekey(ex_id), ex_id)
+            raw = self._get(txn, "stats", _ekey(ex_id), ex_id, "head statistics")
             values = np.frombuffer(raw, dtype="<f4").reshape(-1, self.n_layers, self.n_heads).copy()
-            info = json.loads(bytes(self._get(txn, "info", _ekey(ex_id), ex_id)))
-        names = list(STATISTICS) + info["custom_metrics"]
+            custom = json.loads(bytes(self._get(txn, "info", _ekey(ex_id), ex_id, "description")))["custom_metrics"]
+        names = list(STATISTICS) + custom
         result = {name: values[i] for i, name in enumerate(names)}
         for name in self.statistic_names():
             if name not in result:
@@ -571,7 +678,7 @@ class VliLmdb:
         info = self.example(ex_id)
         layer = self._check_layer(layer, hidden=True)
         with self._read() as txn:
-            raw = self._get(txn, "tsne", _ekey(info.ex_id), ex_id)
+            raw = self._get(txn, "tsne", _ekey(info.ex_id), ex_id, "t-SNE maps")
             return np.frombuffer(raw, dtype="<f4").reshape(-1, info.n_tokens, 2)[layer].copy()
 
     def nearest_other_modality(self, ex_id: int, layer: int, token: int) -> Optional[Neighbor]:
@@ -592,10 +699,10 @@ class VliLmdb:
         with self._read() as txn:
             projection = self._projection(txn)
             meta = {k: self._meta(k, txn) for k in ("nn_shards", "nn_tail")}
-            hidden_db, width = self._dbs["hidden"], self.hidden_size
+            width = self.hidden_size
 
             def hidden_row(other: int, position: int) -> np.ndarray:
-                raw = txn.get(_lkey(other, layer), db=hidden_db)  # (n, hidden) float16
+                raw = self._get(txn, "hidden", _lkey(other, layer), other, f"hidden states of layer {layer}")
                 return np.frombuffer(raw, dtype="<f2", count=width,
                                      offset=position * width * 2).astype(np.float32)
 
@@ -606,7 +713,7 @@ class VliLmdb:
 
     def _projection(self, txn) -> np.ndarray:
         if "nn_projection" not in self._meta_cache:
-            raw = txn.get(b"nn_projection", db=self._dbs["meta"])
+            raw = open_value(txn.get(b"nn_projection", db=self._dbs["meta"]), "the nearest-token projection")
             dim = self._meta("nn_dim", txn)
             self._meta_cache["nn_projection"] = np.frombuffer(bytes(raw), dtype="<f4").reshape(-1, dim)
         return self._meta_cache["nn_projection"]
@@ -620,15 +727,23 @@ class VliLmdb:
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError(f"db[{key!r}] = ... expects pickle bytes "
                             f"(pickle.dumps(record)), got {type(value).__name__}")
-        with self._write() as txn:
-            txn.put(key.encode(), bytes(value), db=self._dbs["pending"])
-            if key.isdigit():
+        self._write().abort()  # fail early when read-only
+        with self._pending(create=True) as env, env.begin(write=True) as txn:
+            txn.put(key.encode(), seal_value(value))
+        if key.isdigit() and len(key) <= 10:
+            with self._write() as txn:
                 self._bump_next_id(txn, int(key))
 
     def discard_pending(self, key: Union[str, int]) -> bool:
         """Delete a pending raw record; True if there was one."""
-        with self._write() as txn:
-            return txn.delete(str(key).encode(), db=self._dbs["pending"])
+        self._write().abort()  # fail early when read-only
+        with self._pending() as env:
+            if env is None:
+                return False
+            with env.begin(write=True) as txn:
+                found = txn.delete(str(key).encode())
+        self._remove_pending_if_empty()
+        return found
 
     def _bump_next_id(self, txn, ex_id: int) -> None:
         if (self._meta("next_id", txn) or 0) <= ex_id:
@@ -636,11 +751,16 @@ class VliLmdb:
 
     def reserve_example_id(self) -> int:
         """Atomically hand out an id no example or pending record uses (threads and processes)."""
-        with self._write() as txn:
-            ex_id = self._meta("next_id", txn) or 0
-            while (txn.get(_ekey(ex_id), db=self._dbs["info"]) is not None
-                   or txn.get(str(ex_id).encode(), db=self._dbs["pending"]) is not None):
-                ex_id += 1
+        with self._write() as txn, self._pending() as pending:
+            pending_txn = pending.begin() if pending is not None else None
+            try:
+                ex_id = self._meta("next_id", txn) or 0
+                while (txn.get(_ekey(ex_id), db=self._dbs["info"]) is not None
+                       or (pending_txn is not None and pending_txn.get(str(ex_id).encode()) is not None)):
+                    ex_id += 1
+            finally:
+                if pending_txn is not None:
+                    pending_txn.abort()
             self._put_meta(txn, "next_id", ex_id + 1)
             return ex_id
 
@@ -651,18 +771,23 @@ class VliLmdb:
     def add_record(self, record: dict) -> int:
         """Validate, preprocess and commit one record in one transaction; return its ex_id.
 
-        Raises RecordError (nothing written) for an invalid record or an ex_id already in use.
+        Raises RecordError (nothing written) for an invalid record or an ex_id already in use;
+        any other failure while preparing it is reported as a RecordError too.
         """
         start = time.perf_counter()
-        normal = validate_record(record, special_tokens=self.special_tokens, expected=self._expected_dims())
+        ex_id = record.get("ex_id") if isinstance(record, dict) else None
+        normal = _as_record_error(ex_id, "record", lambda: validate_record(
+            record, special_tokens=self.special_tokens, expected=self._expected_dims()))
         seconds = {"validate": time.perf_counter() - start}
-        prepared = self._prepare(normal, None, seconds)
+        prepared = self._prepare(normal, None, None, seconds)
         self._commit(prepared)
         return normal.ex_id
 
     def preprocess(self, progress: bool = True) -> PreprocessReport:
         """Validate and convert every pending record (see PreprocessReport); bad ones stay pending.
 
+        Any failure of one record (not only an invalid field: an unexpected error anywhere in its
+        processing) refuses that record alone, reported with its example and field; the others land.
         The next example is computed in a worker thread while the current one is written.
         """
         self._write().abort()  # fail early when read-only
@@ -674,7 +799,7 @@ class VliLmdb:
                                          "encode", "write")}
         expected = [self._expected_dims()]
 
-        def compute(key: bytes) -> Union[_Prepared, RecordError]:
+        def compute(key: bytes) -> Union[_Prepared, RecordError, int]:
             try:
                 return self._compute_pending(key, expected)
             except RecordError as error:
@@ -710,6 +835,8 @@ class VliLmdb:
                         report.added.append(result.record.ex_id)
                     except RecordError as error:
                         result = error
+                elif isinstance(result, int):
+                    report.already.append(result)
                 if isinstance(result, RecordError):
                     report.failed[_key_name(key)] = str(result)
                     message = f"✗ not added, kept pending: {result}"
@@ -725,72 +852,106 @@ class VliLmdb:
             executor.shutdown(wait=False, cancel_futures=True)
             if bar is not None:
                 bar.close()
-        if report.added:
-            t = time.perf_counter()
-            self._reclaim_free_space()
-            stages["compact"] = time.perf_counter() - t
+        self._remove_pending_if_empty()
         report.stage_seconds = stages
         report.total_seconds = time.perf_counter() - start
         if report.failed or progress:
             print(str(report), file=sys.stderr)
         return report
 
-    def _compute_pending(self, key: bytes, expected: list) -> _Prepared:
+    def _compute_pending(self, key: bytes, expected: list) -> Union[_Prepared, int]:
+        """The prepared example of one pending record, or its ex_id when it is already stored
+        (its raw record is then cleared). Raises RecordError for any failure."""
         name = _key_name(key)
         t = time.perf_counter()
-        with self._read() as txn:
-            raw = txn.get(key, db=self._dbs["pending"])
-            raw = None if raw is None else bytes(raw)
+        with self._pending() as env:
+            raw = None
+            if env is not None:
+                with env.begin() as txn:
+                    sealed = txn.get(key)
+                    raw = None if sealed is None else bytes(
+                        _as_record_error(name, "record", lambda: open_value(sealed, "the pending raw record")))
         if raw is None:
             raise RecordError(name, "record", "disappeared from the pending records (preprocessed elsewhere?)")
+        source = _source_hash(raw)
+        if isinstance(name, int) and self._stored_source(name) == source:
+            self._clear_pending(key, source)
+            return name
         try:
             record = safe_pickle.loads(raw)
         except Exception as error:  # corrupt or unsafe pickle: kept pending, reported
-            raise RecordError(name, "record", f"could not unpickle: {error}") from None
+            raise RecordError(name, "record", f"could not unpickle: {_one_line(error)}") from None
+        del raw
         seconds = {"unpickle": time.perf_counter() - t}
         t = time.perf_counter()
-        normal = validate_record(record, special_tokens=self.special_tokens, expected=expected[0], ex_id=name)
+        normal = _as_record_error(name, "record", lambda: validate_record(
+            record, special_tokens=self.special_tokens, expected=expected[0], ex_id=name))
         if normal.ex_id != name:
             raise RecordError(name, "ex_id", f"the record's ex_id {normal.ex_id} differs from its key {name!r}; "
                               f"store it as db[str(ex_id)]")
         if expected[0] is None:
             expected[0] = (normal.n_layers, normal.n_heads, normal.hidden_size)
         seconds["validate"] = time.perf_counter() - t
-        return self._prepare(normal, key, seconds)
+        return self._prepare(normal, key, source, seconds)
 
-    def _prepare(self, normal: Record, key: Optional[bytes], seconds: dict[str, float]) -> _Prepared:
+    def _stored_source(self, ex_id: int) -> Optional[str]:
+        """The raw-record hash example ``ex_id`` was preprocessed from (None if absent/added live)."""
+        try:
+            with self._read() as txn:
+                return json.loads(bytes(self._get(txn, "info", _ekey(ex_id), ex_id, "description"))).get("source")
+        except (KeyError, CorruptValueError):
+            return None
+
+    def _clear_pending(self, key: bytes, source: str) -> None:
+        """Delete a pending raw record once its example is stored, unless it was rewritten meanwhile."""
+        with self._pending() as env:
+            if env is None:
+                return
+            with env.begin(write=True) as txn:
+                sealed = txn.get(key)
+                if sealed is not None and _source_hash(bytes(sealed)[:-CHECKSUM_BYTES]) == source:
+                    txn.delete(key)
+
+    def _prepare(self, normal: Record, key: Optional[bytes], source: Optional[str],
+                 seconds: dict[str, float]) -> _Prepared:
         ex_id, n = normal.ex_id, normal.n_tokens
         t = time.perf_counter()
-        statistics = head_statistics(normal.attention, normal.txt_len, normal.special)
+        statistics = _as_record_error(ex_id, "attention", lambda: head_statistics(
+            normal.attention, normal.txt_len, normal.special))
         values = list(statistics.values()) + [normal.custom_metrics[m] for m in normal.custom_metrics]
         stats_blob = np.stack(values).astype("<f4").tobytes()
         seconds["statistics"] = time.perf_counter() - t
 
+        # Everything derived from the hidden states uses what is stored (float16, clipped), so
+        # that the nearest-token index and the maps agree with the values a reader gets back.
+        hidden16 = np.clip(normal.hidden_states, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2")
+        stored_hidden = hidden16.astype(np.float32)
         t = time.perf_counter()
-        maps = np.asarray(_tsne_maps(normal.hidden_states), dtype="<f4")
+        maps = _as_record_error(ex_id, "hidden_states", lambda: np.asarray(_tsne_maps(stored_hidden), dtype="<f4"))
         if maps.shape != (normal.n_layers + 1, n, 2):
-            raise RuntimeError(f"tsne_maps returned shape {maps.shape}, expected {(normal.n_layers + 1, n, 2)}")
+            raise RecordError(ex_id, "hidden_states", f"t-SNE returned shape {maps.shape}, expected "
+                              f"{(normal.n_layers + 1, n, 2)}")
         seconds["tsne"] = time.perf_counter() - t
 
         t = time.perf_counter()
         with self._read() as txn:
             raw = txn.get(b"nn_projection", db=self._dbs["meta"])
-            projection_bytes = None if raw is None else bytes(raw)
+            projection_bytes = None if raw is None else bytes(open_value(raw, "the nearest-token projection"))
         if projection_bytes is None:
             projection = neighbors.make_projection(normal.hidden_size)
             projection_bytes = projection.astype("<f4").tobytes()
         else:
             projection = np.frombuffer(projection_bytes, dtype="<f4").reshape(normal.hidden_size, -1)
-        nn_values = neighbors.example_entries(ex_id, normal.hidden_states, normal.txt_len,
-                                              normal.special, projection)
+        nn_values = _as_record_error(ex_id, "hidden_states", lambda: neighbors.example_entries(
+            ex_id, stored_hidden, normal.txt_len, normal.special, projection))
         seconds["index"] = time.perf_counter() - t
 
         t = time.perf_counter()
         info = {"ex_id": ex_id, "tokens": normal.tokens, "txt_len": normal.txt_len,
                 "special": normal.special.tolist(), "coords": normal.coords, "grid": normal.grid,
                 "image_size": list(normal.image.shape[:2]), "accuracy": normal.accuracy,
-                "prediction": normal.prediction, "text": normal.text,
-                "custom_metrics": list(normal.custom_metrics)}
+                "prediction": normal.prediction, "text": normal.text, "notes": normal.notes,
+                "custom_metrics": list(normal.custom_metrics), "source": source}
         # Softmax weights are mostly tiny: scaled by 2**exp (exp = 14 when the largest weight is
         # 1) they stay out of float16's subnormal range (12x faster to convert, and precise down
         # to ~4e-9); the largest value still fits float16, and the rescale on read is exact.
@@ -798,12 +959,12 @@ class VliLmdb:
         exp = int(np.clip(np.floor(np.log2(FLOAT16_MAX / peak)) - 1, -120, 120))
         info["attention_exp"] = exp
         attention16 = (normal.attention * np.float32(2.0 ** exp)).astype("<f2")
-        hidden16 = np.clip(normal.hidden_states, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2")
         ekey = _ekey(ex_id)
+        image_png = _as_record_error(ex_id, "image", lambda: _png(normal.image))
         values = {
             b"info": {ekey: json.dumps(info).encode()},
             b"ids": {ekey: b""},
-            b"image": {ekey: _png(normal.image)},
+            b"image": {ekey: image_png},
             b"attention": {_lkey(ex_id, layer): attention16[layer].tobytes() for layer in range(normal.n_layers)},
             b"hidden": {_lkey(ex_id, layer): hidden16[layer].tobytes() for layer in range(normal.n_layers + 1)},
             b"tsne": {ekey: maps.tobytes()},
@@ -811,10 +972,12 @@ class VliLmdb:
             b"nn": nn_values,
         }
         seconds["encode"] = time.perf_counter() - t
-        return _Prepared(record=normal, key=key, values=values, projection=projection_bytes, seconds=seconds)
+        return _Prepared(record=normal, key=key, source=source, values=values, projection=projection_bytes,
+                         seconds=seconds)
 
     def _commit(self, prepared: _Prepared) -> None:
-        """Write one prepared example in one transaction (all or nothing)."""
+        """Write one prepared example in one transaction (all or nothing); then clear its pending
+        raw record (a crash in between is noticed by the next preprocess() from info's source)."""
         normal, ex_id = prepared.record, prepared.record.ex_id
         with self._write() as txn:
             dims = (self._meta("n_layers", txn), self._meta("n_heads", txn), self._meta("hidden_size", txn))
@@ -832,21 +995,27 @@ class VliLmdb:
                 self._put_meta(txn, "nn_dim", len(prepared.projection) // 4 // normal.hidden_size)
                 self._put_meta(txn, "nn_tail", [])
                 self._put_meta(txn, "nn_shards", 0)
-                txn.put(b"nn_projection", prepared.projection, db=self._dbs["meta"])
-            if bytes(txn.get(b"nn_projection", db=self._dbs["meta"])) != prepared.projection:
-                projection = np.frombuffer(bytes(txn.get(b"nn_projection", db=self._dbs["meta"])),
-                                           dtype="<f4").reshape(normal.hidden_size, -1)
+                txn.put(b"nn_projection", seal_value(prepared.projection), db=self._dbs["meta"])
+            stored_projection = bytes(open_value(txn.get(b"nn_projection", db=self._dbs["meta"]),
+                                                 "the nearest-token projection"))
+            if stored_projection != prepared.projection:  # another example set it meanwhile
+                projection = np.frombuffer(stored_projection, dtype="<f4").reshape(normal.hidden_size, -1)
+                stored_hidden = np.clip(normal.hidden_states, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2").astype(
+                    np.float32)
                 prepared.values[b"nn"] = neighbors.example_entries(
-                    ex_id, normal.hidden_states, normal.txt_len, normal.special, projection)
+                    ex_id, stored_hidden, normal.txt_len, normal.special, projection)
             if txn.get(_ekey(ex_id), db=self._dbs["info"]) is not None:
                 raise RecordError(ex_id, "ex_id", f"example {ex_id} is already in the database "
                                   f"(use db.reserve_example_id() for a new id, or discard_pending({ex_id!r}))")
-            if prepared.key is not None and txn.get(prepared.key, db=self._dbs["pending"]) is None:
-                raise RecordError(ex_id, "record", "disappeared from the pending records (preprocessed elsewhere?)")
             for name, items in prepared.values.items():
+                if name == b"nn":  # neighbors.py seals its own values
+                    db = self._dbs["nn"]
+                    for key, value in items.items():
+                        txn.put(key, value, db=db)
+                    continue
                 db = self._dbs[name.decode()]
                 for key, value in items.items():
-                    txn.put(key, value, db=db)
+                    txn.put(key, seal_value(value), db=db)
             custom = self._meta("custom_metrics", txn) or []
             new = [m for m in normal.custom_metrics if m not in custom]
             if new:
@@ -859,5 +1028,21 @@ class VliLmdb:
                 tail = []
             self._put_meta(txn, "nn_tail", tail)
             self._bump_next_id(txn, ex_id)
-            if prepared.key is not None:
-                txn.delete(prepared.key, db=self._dbs["pending"])
+        if prepared.key is not None:
+            self._clear_pending(prepared.key, prepared.source)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())[:300]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _as_record_error(ex_id, field_name: str, compute):
+    """``compute()``, with any failure but a RecordError turned into one for ``field_name``: one bad
+    record must never abort a whole preprocess() (or leave a traceback instead of a message)."""
+    try:
+        return compute()
+    except RecordError:
+        raise
+    except Exception as error:  # noqa: BLE001 - reported with the example and the field
+        raise RecordError(ex_id, field_name, f"could not be processed: {_one_line(error)}") from None
