@@ -59,6 +59,25 @@ INVALID = {
     "custom not dict": (_set(custom_metrics=[1]), "custom_metrics", "expected a dict"),
     "prediction": (_set(prediction={"score": 1.0}), "prediction", "'answer'"),
     "text": (_set(text=3), "text", "str or None"),
+    "ex_id too large": (_set(ex_id=2**31), "ex_id", "below 2**31"),
+    "grid shape": (_set(grid=(2,)), "grid", "(rows, cols)"),
+    "grid too large": (_set(grid=(2, 5000)), "grid", "1..1024"),
+    "coord outside grid": (_set(grid=(2, 2)), "img_coords", "outside the grid of 2 rows x 2 columns"),
+    "coord huge": (_coords(lambda c: [(10**7, 0)] + c[1:]), "img_coords", "outside any grid"),
+    "coord 1e300": (_coords(lambda c: [(1e300, 0.0)] + c[1:]), "img_coords", "outside any grid"),
+    "grid without patches": (_set(img_coords=[], tokens=["[CLS]", "w1", "w2", "[SEP]"], grid=(2, 3),
+                                  attention=np.full((2, 2, 4, 4), 0.25), hidden_states=np.zeros((3, 4, 8))),
+                             "grid", "no image patches"),
+    "image too large": (_set(image=np.broadcast_to(np.uint8(0), (12000, 12000, 3))), "image", "12000 x 12000"),
+    "attention weight 1e30": (lambda r: r["attention"].__setitem__((0, 0, 0, 0), 1e30), "attention",
+                              "must lie in [0, 1]"),
+    "attention negative": (lambda r: r["attention"].__setitem__((0, 0, 0, 0), -0.5), "attention", "[0, 1]"),
+    "attention rows": (lambda r: r.update(attention=r["attention"] * 0.5), "attention",
+                       "sums to 0.5"),
+    "hidden beyond float32": (lambda r: r.update(hidden_states=r["hidden_states"].astype(np.float64) * 1e300),
+                              "hidden_states", "float32's range"),
+    "token too long": (lambda r: r["tokens"].__setitem__(1, "x" * 5000), "tokens", "5,000 characters"),
+    "notes": (_set(notes="cut"), "notes", "list of str"),
     "neither text nor image": (_set(tokens=[], txt_len=0, img_coords=[], attention=np.zeros((2, 2, 0, 0)),
                                     hidden_states=np.zeros((3, 0, 8))), "tokens", "neither text nor image"),
 }
@@ -129,3 +148,32 @@ def test_image_and_optional_fields_are_normalised():
     assert rec.image.dtype == np.uint8 and rec.image.max() == 255
     assert rec.accuracy is True and rec.custom_metrics["mine"].dtype == np.float32
     assert rec.prediction == {"answer": "red", "score": 0.5, "label": None}
+
+
+def test_grid_field_places_patches_when_the_last_row_is_missing():
+    """A model that keeps no patch of the last row (ViLT sampling patches) gives its grid."""
+    raw = make_record(2, grid=(3, 3))
+    keep = [i for i, c in enumerate(raw["img_coords"]) if c[1] < 2]  # no patch of row 2
+    n_text = raw["txt_len"]
+    order = list(range(n_text)) + [n_text + i for i in keep]
+    raw.update(tokens=[raw["tokens"][i] for i in order], img_coords=[raw["img_coords"][i] for i in keep],
+               attention=_renormalised(raw["attention"][:, :, order][:, :, :, order]),
+               hidden_states=raw["hidden_states"][:, order])
+    assert validate_record(raw).grid == (2, 3)  # guessed from the largest coordinate: wrong
+    assert validate_record(dict(raw, grid=(3, 3))).grid == (3, 3)
+
+
+def _renormalised(attention):
+    return attention / attention.sum(-1, keepdims=True)
+
+
+def test_accuracy_comes_from_prediction_and_label():
+    agree = validate_record(make_record(1, prediction={"answer": "Red ", "score": 0.9, "label": "red"}))
+    assert agree.accuracy is True and agree.notes == []  # make_record(1) says accuracy=True
+    contradicts = validate_record(make_record(0, prediction={"answer": "red", "score": 0.9, "label": "red"}))
+    assert contradicts.accuracy is True  # the record said False
+    assert "said accuracy=False" in contradicts.notes[0] and "shown as correct" in contradicts.notes[0]
+    no_label = validate_record(make_record(0, prediction={"answer": "red", "score": 0.9, "label": None}))
+    assert no_label.accuracy is False and no_label.notes == []  # nothing to derive it from
+    noted = validate_record(make_record(3, notes=["the text was cut"]))
+    assert noted.notes == ["the text was cut"]
