@@ -50,17 +50,20 @@ def random_example(ex_id, rng):
         # Patches may be listed in any order; an image-side special token (e.g. ViLT's image
         # "[CLS]") would have None.  Empty or None for a text-only example.
         "img_coords": [(i % GRID_COLS, i // GRID_COLS) for i in range(GRID_ROWS * GRID_COLS)],
+        # optional (rows, cols): the patch grid. Give it whenever you know it: without it the grid is
+        # guessed from the largest coordinate, wrong when no patch of the last row/column is kept.
+        "grid": (GRID_ROWS, GRID_COLS),
         # (n_layers, n_heads, n_tokens, n_tokens): attention weights, rows = queries (each row
         # sums to 1, as a softmax does), columns = keys.
         "attention": softmax(rng.normal(size=(N_LAYERS, N_HEADS, n_tokens, n_tokens)) * 2).astype(np.float32),
         # (n_layers + 1, n_tokens, hidden): hidden states before layer 1, then after each layer.
         "hidden_states": rng.normal(size=(N_LAYERS + 1, n_tokens, HIDDEN)).astype(np.float32),
-        # optional bool: whether the model answered correctly (or None if unknown).
-        "accuracy": bool(ex_id % 2),
+        # optional bool: whether the model answered correctly (or None if unknown). Left out here:
+        # a prediction with a label (below) gives it, as prediction == label.
         # optional {name: (n_layers, n_heads)}: per-head numbers of your own, shown with the
         # built-in statistics.
         "custom_metrics": {"random_metric": rng.random((N_LAYERS, N_HEADS))},
-        # optional: what the model predicted.
+        # optional: what the model predicted, its score, and the expected answer (label).
         "prediction": {"answer": ["red", "blue", "green"][ex_id], "score": 0.5 + 0.1 * ex_id, "label": "red"},
         # optional str: the raw input text.
         "text": " ".join(words) + "?",
@@ -71,20 +74,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="example_database1", help="database folder (re-created)")
     args = parser.parse_args(argv)
-    building = args.out + ".building"
-    for path in (args.out, building):
-        if os.path.exists(path):
-            shutil.rmtree(path)
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
     rng = np.random.default_rng(0)
     data = [random_example(ex_id, rng) for ex_id in range(3)]
 
-    db = VliLmdb(db_dir=building, read_only=False)
+    db = VliLmdb(db_dir=args.out, read_only=False)
     for ex in data:
         db[str(ex["ex_id"])] = pickle.dumps(ex, protocol=pickle.HIGHEST_PROTOCOL)
     report = db.preprocess()
-    db.compact_copy(args.out)  # drop the free pages the raw pickles left behind
     db.close()
-    shutil.rmtree(building)
     return 0 if not report.failed else 1
 
 
