@@ -78,6 +78,8 @@ INVALID = {
                               "hidden_states", "float32's range"),
     "token too long": (lambda r: r["tokens"].__setitem__(1, "x" * 5000), "tokens", "5,000 characters"),
     "notes": (_set(notes="cut"), "notes", "list of str"),
+    "description of no metric": (_set(metric_descriptions={"x": "what x is"}), "metric_descriptions",
+                                 "not one of the record's custom_metrics"),
     "neither text nor image": (_set(tokens=[], txt_len=0, img_coords=[], attention=np.zeros((2, 2, 0, 0)),
                                     hidden_states=np.zeros((3, 0, 8))), "tokens", "neither text nor image"),
 }

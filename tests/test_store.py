@@ -20,6 +20,7 @@ F16 = dict(rtol=2e-3, atol=2e-3)
 def _records():
     return [make_record(0, text_tokens=["[CLS]", "a", "b", "[SEP]"], grid=(2, 3), shuffle_image=True,
                         image_cls=True, custom_metrics={"mine": np.arange(4.0).reshape(2, 2)},
+                        metric_descriptions={"mine": "layer x 2 + head"},
                         prediction={"answer": "red", "score": 0.9, "label": "red"}),
             make_record(1, n_text=5, grid=(3, 2), shuffle_image=True),
             make_record(2, n_text=3, grid=None, img_coords=None)]
@@ -35,6 +36,7 @@ def test_round_trip(tmp_path):
     assert db.example_ids() == [0, 1, 2] and len(db) == 3
     assert (db.n_layers, db.n_heads, db.hidden_size) == (2, 2, 8)
     assert db.statistic_names() == list(STATISTICS) + ["mine"]
+    assert db.metric_description("mine") == "layer x 2 + head" and db.metric_description("other") is None
     for raw in records:
         rec = validate_record(raw)
         info = db.example(raw["ex_id"])

@@ -42,7 +42,8 @@ __all__ = ["RecordError", "Record", "validate_record", "answers_match", "DEFAULT
 
 DEFAULT_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
 REQUIRED_FIELDS = ("ex_id", "image", "tokens", "txt_len", "attention", "hidden_states")
-OPTIONAL_FIELDS = ("img_coords", "grid", "accuracy", "custom_metrics", "prediction", "text", "notes")
+OPTIONAL_FIELDS = ("img_coords", "grid", "accuracy", "custom_metrics", "metric_descriptions", "prediction",
+                   "text", "notes")
 
 MAX_EX_ID = 2**31 - 1            # the nearest-token index stores ids as int32
 MAX_GRID_SIDE = 1024             # patches per side (a 16 384-pixel image of 16-pixel patches)
@@ -94,6 +95,7 @@ class Record:
     hidden_states: np.ndarray      # (L + 1, n, d) float32
     accuracy: Optional[bool] = None
     custom_metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (L, H) float32
+    metric_descriptions: dict[str, str] = field(default_factory=dict)  # custom metric name -> definition
     prediction: Optional[dict] = None
     text: Optional[str] = None
     notes: list[str] = field(default_factory=list)  # shown with the example (e.g. "the text was cut")
@@ -323,6 +325,15 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
             raise RecordError(ex_id, f"custom_metrics[{name!r}]", f"expected shape ({n_layers}, {n_heads}) "
                               f"(layers, heads), got {array.shape}")
         metrics[name] = array.astype(np.float32)
+    descriptions = record.get("metric_descriptions") or {}
+    if not isinstance(descriptions, dict):
+        raise RecordError(ex_id, "metric_descriptions", f"expected a dict name -> str, got "
+                          f"{type(descriptions).__name__}")
+    for name, text in descriptions.items():
+        if name not in metrics:
+            raise RecordError(ex_id, "metric_descriptions", f"describes {_short(name)}, which is not one of "
+                              f"the record's custom_metrics")
+        _bounded_str(ex_id, f"metric_descriptions[{name!r}]", text, MAX_NOTE_CHARS)
     prediction = record.get("prediction")
     if prediction is not None:
         if not isinstance(prediction, dict) or not isinstance(prediction.get("answer"), str):
@@ -368,7 +379,8 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
     return Record(ex_id=ex_id, tokens=stored_tokens, txt_len=txt_len, special=special,
                   coords=stored_coords, grid=grid, image=image, attention=np.ascontiguousarray(attention),
                   hidden_states=np.ascontiguousarray(hidden), accuracy=accuracy, custom_metrics=metrics,
-                  prediction=prediction, text=text, notes=notes, order=order)
+                  metric_descriptions=dict(descriptions), prediction=prediction, text=text, notes=notes,
+                  order=order)
 
 
 def _check_attention_rows(ex_id, attention: np.ndarray) -> None:

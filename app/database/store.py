@@ -7,7 +7,8 @@ sub-db     key                    value
 =========  =====================  ==============================================================
 meta       ``schema_version``     JSON int; checked on open
 meta       ``n_layers`` ...       JSON: n_layers, n_heads, hidden_size, special_tokens,
-                                  custom_metrics (names), next_id, nn_dim, nn_tail, nn_shards
+                                  custom_metrics (names), metric_descriptions, next_id, nn_dim,
+                                  nn_tail, nn_shards
 meta       ``nn_projection``      float32 raw bytes (see neighbors.py)
 info       ``E``                  JSON: tokens, txt_len, special, coords, grid, image_size,
                                   accuracy, prediction, text, notes, custom_metrics (names),
@@ -228,6 +229,48 @@ def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image, "RGB").save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
+
+
+@contextmanager
+def pending_environment(db_dir: str, create: bool = False) -> Iterator[Optional[lmdb.Environment]]:
+    """The pending environment ``db_dir/pending/`` for the duration of a ``with`` (None when there is
+    none and ``create`` is false). It is open only while used, under a shared flock on
+    ``db_dir/pending.lock``, so that another process can remove it once empty (module docstring)."""
+    folder = os.path.join(db_dir, PENDING_DIR)
+    key = (os.getpid(), os.path.realpath(folder))
+    with _REGISTRY_LOCK:
+        entry = _PENDING.get(key)
+        if entry is not None:
+            entry.users += 1
+        elif create or os.path.isfile(os.path.join(folder, "data.mdb")):
+            entry = _open_pending(db_dir, folder)
+            _PENDING[key] = entry
+    if entry is None:
+        yield None
+        return
+    try:
+        yield entry.env
+    finally:
+        with _REGISTRY_LOCK:
+            entry.users -= 1
+            if entry.users == 0:
+                _PENDING.pop(key, None)
+                entry.env.close()
+                os.close(entry.lock_fd)  # releases the shared flock
+
+
+def _open_pending(db_dir: str, folder: str) -> _OpenPending:
+    writable = os.access(db_dir, os.W_OK)
+    fd = os.open(os.path.join(db_dir, PENDING_LOCK), (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process removes the folder
+        if writable:
+            os.makedirs(folder, exist_ok=True)
+        env = _open_lmdb(folder, repr(folder), readonly=not writable, max_dbs=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _OpenPending(env=env, lock_fd=fd)
 
 
 class VliLmdb:
@@ -493,46 +536,12 @@ class VliLmdb:
     # ----------------------------------------------------------------------------- pending records
     @contextmanager
     def _pending(self, create: bool = False) -> Iterator[Optional[lmdb.Environment]]:
-        """The pending environment for the duration of a ``with`` (None when there is none and
-        ``create`` is false); see the module docstring for why it is opened only while used."""
+        """The pending environment for the duration of a ``with`` (see :func:`pending_environment`)."""
         self._environment()  # closed / forked checks
-        folder = os.path.join(self.path, PENDING_DIR)
-        key = (os.getpid(), os.path.realpath(folder))
-        with _REGISTRY_LOCK:
-            entry = _PENDING.get(key)
-            if entry is not None:
-                entry.users += 1
-            elif create or os.path.isfile(os.path.join(folder, "data.mdb")):
-                if create and self.read_only:
-                    raise DatabaseError(f"{self.path!r} was opened read-only: use VliLmdb(..., read_only=False)")
-                entry = self._open_pending(folder)
-                _PENDING[key] = entry
-        if entry is None:
-            yield None
-            return
-        try:
-            yield entry.env
-        finally:
-            with _REGISTRY_LOCK:
-                entry.users -= 1
-                if entry.users == 0:
-                    _PENDING.pop(key, None)
-                    entry.env.close()
-                    os.close(entry.lock_fd)  # releases the shared flock
-
-    def _open_pending(self, folder: str) -> _OpenPending:
-        writable = os.access(self.path, os.W_OK)
-        lock_path = os.path.join(self.path, PENDING_LOCK)
-        fd = os.open(lock_path, (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process removes the folder
-            if writable:
-                os.makedirs(folder, exist_ok=True)
-            env = _open_lmdb(folder, repr(folder), readonly=not writable, max_dbs=0)
-        except BaseException:
-            os.close(fd)
-            raise
-        return _OpenPending(env=env, lock_fd=fd)
+        if create and self.read_only:
+            raise DatabaseError(f"{self.path!r} was opened read-only: use VliLmdb(..., read_only=False)")
+        with pending_environment(self.path, create) as env:
+            yield env
 
     def _remove_pending_if_empty(self) -> None:
         """Remove ``pending/`` when it holds nothing and no process (this one included) has it open."""
@@ -559,6 +568,10 @@ class VliLmdb:
     def statistic_names(self) -> list[str]:
         """The built-in statistic keys (stats.STATISTICS), then the custom metric names."""
         return list(STATISTICS) + list(self._meta("custom_metrics") or [])
+
+    def metric_description(self, name: str) -> Optional[str]:
+        """The definition of a custom metric given with the records (``metric_descriptions``), if any."""
+        return (self._meta("metric_descriptions") or {}).get(name)
 
     def example(self, ex_id: int) -> ExampleInfo:
         """The small description of example ``ex_id`` (cached; KeyError if absent)."""
@@ -1020,6 +1033,10 @@ class VliLmdb:
             new = [m for m in normal.custom_metrics if m not in custom]
             if new:
                 self._put_meta(txn, "custom_metrics", custom + new)
+            if normal.metric_descriptions:
+                described = self._meta("metric_descriptions", txn) or {}
+                if any(described.get(k) != v for k, v in normal.metric_descriptions.items()):
+                    self._put_meta(txn, "metric_descriptions", {**described, **normal.metric_descriptions})
             tail = (self._meta("nn_tail", txn) or []) + [ex_id]
             if len(tail) >= neighbors.SHARD_EXAMPLES:
                 shard = self._meta("nn_shards", txn) or 0
