@@ -221,3 +221,21 @@ def test_old_schema_says_how_to_upgrade(tmp_path):
     db.close()
     with pytest.raises(DatabaseError, match=r"schema version 1.*python -m app.database.upgrade"):
         VliLmdb(tmp_path / "db")
+
+
+def test_a_database_on_a_read_only_filesystem_opens_for_browsing(tmp_path):
+    """LMDB's lock file cannot be written there: the database opens lock-free, read-only, and says so."""
+    path = tmp_path / "db"
+    writer, _ = make_db(path, [make_record(0, text="on read-only media")])
+    writer.close()
+    os.remove(path / "lock.mdb")  # as on a medium written elsewhere: no lock file to open either
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from app.database.database import VliLmdb; "
+            f"db = VliLmdb({str(path)!r}); print(db.example(0).text, db.attention(0, 0, 0, [0]).shape)")
+    script = (f"mount --bind {path} {path} && mount -o remount,ro,bind {path} {path} && "
+              f"{sys.executable} -c {code!r}")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    if "mount" in result.stderr and result.returncode != 0 and "VliLmdb" not in result.stderr:
+        pytest.skip(f"no read-only bind mount here: {result.stderr.strip()[:200]}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "on read-only media (10,)"
+    assert "read-only filesystem" in result.stderr and "opened without LMDB's lock" in result.stderr

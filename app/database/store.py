@@ -122,10 +122,14 @@ class DatabaseError(RuntimeError):
 def _open_lmdb(path: str, quoted: str, readonly: bool, max_dbs: int) -> lmdb.Environment:
     """lmdb.open with the largest map this process may reserve, and a check that the file is whole:
     reading a page past the end of a truncated file kills the process with SIGBUS."""
+    lock = not (readonly and _lock_file_unwritable(path))
+    if not lock:
+        print(f"note: {quoted} is on a read-only filesystem (its lock file cannot be written): opened "
+              f"without LMDB's lock, for browsing; do not write to it from elsewhere meanwhile", file=sys.stderr)
     for map_size in MAP_SIZES:
         try:
             env = lmdb.open(path, map_size=map_size, max_dbs=max_dbs, subdir=True, readonly=readonly,
-                            lock=True, max_readers=512)
+                            lock=lock, max_readers=512)
             break
         except lmdb.MemoryError:
             continue
@@ -271,6 +275,18 @@ def _open_pending(db_dir: str, folder: str) -> _OpenPending:
         os.close(fd)
         raise
     return _OpenPending(env=env, lock_fd=fd)
+
+
+def _lock_file_unwritable(path: str) -> bool:
+    """True when LMDB could not open (or create) the lock file for writing: a read-only filesystem or
+    a folder the user may read but not write. LMDB's lock-free read-only mode is then the way in."""
+    lock_path = os.path.join(path, "lock.mdb")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | (0 if os.path.exists(lock_path) else os.O_CREAT), 0o644)
+    except OSError:
+        return True
+    os.close(fd)
+    return False
 
 
 class VliLmdb:
