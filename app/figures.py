@@ -18,7 +18,18 @@ import plotly.graph_objects as go
 
 TEMPLATE = {"layout": {}}  # no plotly.py template: plotly.js defaults, tiny payloads
 FONT = dict(family="Inter, system-ui, -apple-system, 'Segoe UI', sans-serif", size=12, color="#222")
-ATTENTION_SCALE = "Viridis"
+# Attention has one colour scale everywhere: the image heatmap, the attention matrix and the text
+# tint (app/assets/vli.js gets these stops from the page), each from 0 (dark purple) to the highest
+# value it shows (yellow). Plotly.js's own "Viridis" stops, written out so that the three agree.
+ATTENTION_SCALE = [[0.0, "#440154"], [16 / 255, "#48186a"], [32 / 255, "#472d7b"], [48 / 255, "#424086"],
+                   [64 / 255, "#3b528b"], [80 / 255, "#33638d"], [96 / 255, "#2c728e"], [112 / 255, "#26828e"],
+                   [128 / 255, "#21918c"], [144 / 255, "#1fa088"], [160 / 255, "#28ae80"],
+                   [176 / 255, "#3fbc73"], [192 / 255, "#5ec962"], [208 / 255, "#84d44b"],
+                   [224 / 255, "#addc30"], [240 / 255, "#d8e219"], [1.0, "#fde725"]]
+# Width reserved right of the image for the overlay's colour bar, shown or not: the image does not
+# move when the bar appears.
+COLORBAR_MARGIN = 64
+MODEBAR_STRIP = 30  # height of the top strip of a graph that plotly's tool bar covers
 # Explicit scales: plotly.js's named "Blues"/"RdBu" differ from plotly.py's.
 STAT_SCALE = [[0.0, "#f7fbff"], [0.25, "#c6dbef"], [0.5, "#6baed6"], [0.75, "#2171b5"], [1.0, "#08306b"]]
 DIVERGING_SCALE = [[0.0, "#2166ac"], [0.25, "#92c5de"], [0.5, "#f7f7f7"], [0.75, "#f4a582"], [1.0, "#b2182b"]]
@@ -143,6 +154,21 @@ def head_summary_figure(values: np.ndarray, name: str, z_scored: bool = False,
 
 # ----------------------------------------------------------------------------- image + overlay
 
+def scale_max(values: np.ndarray) -> float:
+    """The top of an attention colour scale: the highest finite value, or 1 when there is none
+    above 0 (an all-zero selection still gets a valid 0..1 range)."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    top = float(finite.max()) if finite.size else 0.0
+    return top if top > 0 else 1.0
+
+
+def css_gradient(scale: Sequence) -> str:
+    """A left-to-right CSS gradient of a plotly colour scale ([[position, colour], ...]): the legend
+    of the text tint, drawn from the same stops as the figures."""
+    return "linear-gradient(to right, " + ", ".join(f"{c} {100 * p:.1f}%" for p, c in scale) + ")"
+
+
 def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -166,8 +192,8 @@ def overlay_state(z: Optional[np.ndarray], grid: tuple[int, int]) -> dict:
     state (``z=None``: an invisible zero grid that still receives clicks; NaN cells would not)."""
     if z is None:
         return dict(z=typed_array(np.zeros(grid, np.float32)), colorscale=TRANSPARENT_SCALE, showscale=False,
-                    hovertemplate="%{text}: click to select<extra></extra>")
-    return dict(z=typed_array(z), colorscale=ATTENTION_SCALE, showscale=True,
+                    zmin=0.0, zmax=1.0, hovertemplate="%{text}: click to select<extra></extra>")
+    return dict(z=typed_array(z), colorscale=ATTENTION_SCALE, showscale=True, zmin=0.0, zmax=scale_max(z),
                 hovertemplate="%{text}<br>attention %{z:.4f}<extra></extra>")
 
 
@@ -214,7 +240,8 @@ def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
         overlay = dict(
             type="heatmap", name="overlay", x0=cw / 2, dx=cw, y0=ch / 2, dy=ch,
             customdata=patch_tokens_grid(coords, grid).tolist(), opacity=0.6, zsmooth=False,
-            hoverongaps=True, colorbar=dict(thickness=10, len=0.9, title=dict(text="attn")),
+            hoverongaps=True, zauto=False,
+            colorbar=dict(thickness=10, len=0.9, x=1, xanchor="left", xpad=8, title=dict(text="attn")),
             text=[[f"patch ({x}, {y})" for x in range(cols)] for y in range(rows)])
         overlay.update(overlay_state(None, grid))
         data.append(overlay)
@@ -243,7 +270,7 @@ def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
         xaxis=dict(range=[0, w], showgrid=False, zeroline=False, visible=False, constrain="domain"),
         yaxis=dict(range=[h, 0], showgrid=False, zeroline=False, visible=False,
                    scaleanchor="x", constrain="domain"),
-        margin=dict(l=0, r=0, t=26, b=0), dragmode="select", clickmode="event",
+        margin=dict(l=0, r=COLORBAR_MARGIN, t=26, b=0, autoexpand=False), dragmode="select", clickmode="event",
         hovermode="closest", uirevision="image", newselection=dict(line=dict(color=SELECT_COLOR)),
         modebar=dict(orientation="h", bgcolor="rgba(255,255,255,0.8)"), shapes=[])
     return figure(data, layout)
@@ -307,15 +334,17 @@ def attention_matrix_figure(matrix: np.ndarray, q_labels: Sequence[str], k_label
     ys = [f"{q_offset + i} {lab}" for i, lab in enumerate(q_labels)]
     xs = [f"{k_offset + i} {lab}" for i, lab in enumerate(k_labels)]
     data = [dict(type="heatmap", z=typed_array(m), x=xs, y=ys, colorscale=ATTENTION_SCALE,
-                 colorbar=dict(thickness=10, title=dict(text="attn")),
+                 zauto=False, zmin=0.0, zmax=scale_max(m), colorbar=dict(thickness=10, title=dict(text="attn")),
                  hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.4f}<extra></extra>")]
     layout = _layout(
-        title=dict(text=title, x=0.01, y=0.995, yanchor="top", font=dict(size=13)),
+        # Just above the plot area, below the top strip that plotly's tool bar covers.
+        title=dict(text=title, x=0.01, xref="container", xanchor="left", y=1, yref="paper", yanchor="bottom",
+                   pad=dict(b=6), font=dict(size=13)),
         xaxis=dict(type="category", tickangle=-90, tickfont=dict(size=9), showgrid=False,
                    title=dict(text="key (attended to)")),
         yaxis=dict(type="category", tickfont=dict(size=9), autorange="reversed", showgrid=False,
                    title=dict(text="query")),
-        margin=dict(l=90, r=10, t=52, b=90), hovermode="closest")
+        margin=dict(l=90, r=10, t=MODEBAR_STRIP + 30, b=90), hovermode="closest")
     return figure(data, layout)
 
 

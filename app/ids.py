@@ -62,3 +62,7 @@ MATRIX_KIND = "matrix-kind"
 # "Add example" panel, more (helper C2).
 ADD_FILE_INFO = "add-file-info"  # name and size of the uploaded image, or why it was refused
 ADD_PANEL = "add-panel"  # the panel's section (present only when a model is loaded)
+ADD_IMAGE = "add-image"  # the upload as checked in the browser: {"filename", "size", "contents" or None}
+
+# Attention colour scale for the text tint (helper: page/panels), sent once with the page.
+ATT_SCALE = "att-scale"  # figures.ATTENTION_SCALE, read by vli.tint

@@ -7,8 +7,10 @@ from selenium.webdriver.common.actions.action_builder import ActionBuilder
 from selenium.webdriver.common.keys import Keys
 
 from app import figures, ids
+from app.database.models import VL_Model
 from app.server import create_app
 from conftest import GRID, N_LAYERS, browser_available
+from test_page_display import scale_rgb
 
 pytestmark = pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver")
 
@@ -89,6 +91,13 @@ def test_app_end_to_end(dash_duo, small_db):
     dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "circle")
     assert "outline" in dash_duo.find_element(token_css(3)).get_attribute("style")
     assert dash_duo.find_element(token_css(4)).get_attribute("title").startswith("attention ")
+    # The text tint is on the image's colour scale, from 0 to the highest attention of a word.
+    att = small_db.attention(0, N_LAYERS - 1, None, [3])
+    top = max(att[i] for i in range(info.txt_len) if not info.special[i])
+    tint = dash_duo.driver.execute_script(
+        f"return getComputedStyle(document.querySelector({token_css(4)!r})).backgroundColor;")
+    got = np.array([float(v) for v in tint[tint.index("(") + 1:-1].split(",")[:3]])
+    np.testing.assert_allclose(got, scale_rgb(figures.ATTENTION_SCALE, min(1.0, att[4] / top)), atol=1.5)
 
     # Click a head cell (layer 2, head 3): the selection store, the title and the overlay follow.
     click_graph_point(dash_duo, ids.HEAD_GRAPH, 2, 1)
@@ -115,6 +124,20 @@ def test_app_end_to_end(dash_duo, small_db):
     expected = figures.overlay_grid(rows.mean(axis=0), info.coords, info.grid)
     wait_until(lambda: close(overlay_z(dash_duo), expected), what="averaged overlay of six patches")
     assert len(graph_js(dash_duo, ids.IMAGE_GRAPH, "return gd.layout.shapes;")) == 6
+    drawn = "return [(gd.layout.selections || []).length, gd.data[1].selectedpoints == null];"
+    assert graph_js(dash_duo, ids.IMAGE_GRAPH, drawn)[0] == 1  # the box stays drawn while it is the selection
+
+    # A text token click replaces the box selection: the box and the highlighted patches go.
+    dash_duo.find_element(token_css(4)).click()
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "‘red’")
+    wait_until(lambda: graph_js(dash_duo, ids.IMAGE_GRAPH, drawn) == [0, True], what="box selection cleared")
+
+    # Enter in the opacity box applies the value typed there.
+    box = dash_duo.find_element(".opacity-slider input[type='number']")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys("0.3", Keys.ENTER)
+    wait_until(lambda: graph_js(dash_duo, ids.IMAGE_GRAPH, "return gd.data[0].opacity;") == 0.3,
+               what="opacity from the number box")
 
     # Move the t-SNE slider to "before layer 1": the title changes.
     assert graph_js(dash_duo, ids.TSNE_GRAPH, "return gd.layout.title.text;").startswith(
@@ -124,6 +147,10 @@ def test_app_end_to_end(dash_duo, small_db):
     thumb.send_keys(Keys.HOME)  # the slider's keyboard interface: Home = the first mark
     wait_until(lambda: (graph_js(dash_duo, ids.TSNE_GRAPH, "return gd.layout.title.text;") or "").startswith(
         "Hidden states before layer 1"), what="t-SNE title")
+    # The slider names that layer "emb" (its tooltip, as its marks), and has no number box saying 0.
+    tooltip = f"{ids.TSNE_LAYER}-tooltip-1-content"
+    assert dash_duo.driver.execute_script(f"return document.getElementById('{tooltip}').textContent;") == "emb"
+    assert dash_duo.find_elements(".layer-slider input") == []
 
     # Switch example with the "next" button: new tokens, selection cleared, empty-state hint.
     dash_duo.find_element("#" + ids.EXAMPLE_NEXT).click()
@@ -135,6 +162,14 @@ def test_app_end_to_end(dash_duo, small_db):
     # With nothing selected (an empty overlay), clicking a patch still selects it.
     click_graph_point(dash_duo, ids.IMAGE_GRAPH, 5, 15)  # cell (x=0, y=1)
     dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "patch (0, 1)")
+
+    # Play shows a pause icon that is drawn (a CSS shape: the "⏸" glyph is missing from the fonts).
+    dash_duo.find_element("#" + ids.PLAY).click()
+    dash_duo.wait_for_element(f"#{ids.PLAY} .icon-pause", timeout=8)
+    icon = dash_duo.find_element(f"#{ids.PLAY} .icon-pause")
+    assert icon.size["width"] >= 6 and icon.size["height"] >= 6
+    dash_duo.find_element("#" + ids.PLAY).click()
+    dash_duo.wait_for_element(f"#{ids.PLAY} .icon-play", timeout=8)
 
     assert dash_duo.get_logs() == [], "browser console has errors"
 
@@ -178,4 +213,68 @@ def test_tsne_tooltip_neighbor_and_statistics(dash_duo, small_db):
     dash_duo.find_element(token_css(1)).click()
     dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "Attention from ‘is’")
 
+    # The attention matrix: its title is not under plotly's tool bar.
+    dash_duo.find_elements("#" + ids.VIEW_TABS + " .tab")[1].click()
+    wait_until(lambda: graph_js(dash_duo, ids.MATRIX_GRAPH, "return gd._fullData && gd._fullData.length;"),
+               what="attention matrix")
+    title, bar = dash_duo.driver.execute_script(
+        f"const g = document.getElementById('{ids.MATRIX_GRAPH}');"
+        "return [g.querySelector('.gtitle'), g.querySelector('.modebar')].map(e => {"
+        "const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; });")
+    assert title[1] >= bar[3] or title[2] <= bar[0], (title, bar)
+
+    assert dash_duo.get_logs() == [], "browser console has errors"
+
+
+class NoModel(VL_Model):
+    """Stands in for a live model: the "Add example" panel is on the page; nothing is submitted."""
+
+    def data_setup(self, ex_id, image_location, input_text):
+        raise AssertionError("not used")
+
+
+def set_viewport(dash_duo, width, height):
+    dash_duo.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    time.sleep(0.5)  # plotly's graphs follow their containers' size
+
+
+def rect(dash_duo, element_id):
+    return dash_duo.driver.execute_script(
+        f"const r = document.getElementById('{element_id}').getBoundingClientRect();"
+        "return {left: r.left, top: r.top, right: r.right, bottom: r.bottom, height: r.height};")
+
+
+def test_layout_uses_the_screen(dash_duo, tmp_path, monkeypatch):
+    """At 1440x900 everything, the "Add example" panel's status line included, is on screen without
+    scrolling; at 1920x1080 the graphs grow into the room; the image keeps its place when the overlay's
+    colour bar appears."""
+    import app.database.store as store
+    from helpers import fake_tsne_maps, make_db, make_record
+
+    monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+    text = ["[CLS]", "what", "color", "is", "the", "triangle", "?", "[SEP]"]
+    db, _ = make_db(tmp_path / "db", [make_record(0, text_tokens=text, grid=(6, 6), n_layers=4, n_heads=4,
+                                                  image_cls=True, image_hw=(96, 96))])
+    dash_duo.start_server(create_app(db, model=NoModel()))
+    set_viewport(dash_duo, 1440, 900)
+    dash_duo.wait_for_element(token_css(3), timeout=10)
+    scroll = "return document.documentElement.scrollHeight - window.innerHeight;"
+    assert dash_duo.driver.execute_script(scroll) <= 0
+    assert rect(dash_duo, ids.ADD_STATUS)["height"] > 0 and rect(dash_duo, ids.ADD_STATUS)["bottom"] <= 900
+    plot = "return gd.querySelector('.nsewdrag').getBoundingClientRect().toJSON();"
+    bare = graph_js(dash_duo, ids.IMAGE_GRAPH, plot)
+    dash_duo.find_element(token_css(3)).click()
+    wait_until(lambda: graph_js(dash_duo, ids.IMAGE_GRAPH, "return gd._fullData[0].showscale;") is True,
+               what="overlay colour bar")
+    assert graph_js(dash_duo, ids.IMAGE_GRAPH, plot) == bare
+    small = {k: rect(dash_duo, k)["height"] for k in (ids.IMAGE_GRAPH, ids.TSNE_GRAPH)}
+
+    set_viewport(dash_duo, 1920, 1080)
+    wait_until(lambda: rect(dash_duo, ids.IMAGE_GRAPH)["height"] >= small[ids.IMAGE_GRAPH] + 150,
+               what="a taller image at 1920x1080")
+    assert rect(dash_duo, ids.TSNE_GRAPH)["height"] >= small[ids.TSNE_GRAPH] + 150
+    assert dash_duo.driver.execute_script(scroll) <= 0
+    # The columns reach down to the last sixth of the screen (no third of it left empty).
+    assert max(rect(dash_duo, i)["bottom"] for i in (ids.IMAGE_GRAPH, ids.TSNE_GRAPH)) >= 1080 * 5 / 6
     assert dash_duo.get_logs() == [], "browser console has errors"

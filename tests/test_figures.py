@@ -2,6 +2,7 @@
 import base64
 
 import numpy as np
+import pytest
 
 from app import figures
 
@@ -152,3 +153,31 @@ def test_thumbnail_is_small_jpeg_with_the_patch_outlined():
 
 def test_token_labels():
     assert figures.token_labels(["a", "[CLS]", "p"], [None, None, (2, 3)]) == ["a", "[CLS]", "patch (2, 3)"]
+
+
+def test_image_figure_reserves_the_colour_bar_space_from_the_start():
+    """The overlay's colour bar appears with the first selection: it sits in a right margin that is
+    there from the start (not grown by plotly when the bar shows), so the image does not move."""
+    coords = [(x, y) for y in range(2) for x in range(3)]
+    fig = figures.image_figure("data:image/png;base64,AAAA", (20, 30), coords, (2, 3))
+    margin = fig.layout.margin
+    assert margin.r == figures.COLORBAR_MARGIN > 0 and margin.autoexpand is False
+    bar = fig.data[0].colorbar
+    assert bar.x == 1 and bar.xanchor == "left"  # just right of the plot, inside the margin
+    assert bar.xpad + bar.thickness + 40 <= figures.COLORBAR_MARGIN  # room for the tick labels
+
+
+def test_scale_max_is_the_top_of_the_attention_scale():
+    assert figures.scale_max(np.array([0.1, np.nan, 0.3])) == pytest.approx(0.3)
+    assert figures.scale_max(np.zeros(3)) == 1.0  # nothing above 0: still a valid 0..1 range
+    z = np.array([[0.25, 0.5]], dtype=np.float32)
+    assert (figures.overlay_state(z, (1, 2))["zmin"], figures.overlay_state(z, (1, 2))["zmax"]) == (0.0, 0.5)
+
+
+def test_attention_matrix_title_sits_below_the_tool_bar():
+    """The tool bar covers the top MODEBAR_STRIP pixels of a graph: the title sits on the plot area,
+    in a top margin that leaves that strip free."""
+    fig = figures.attention_matrix_figure(np.eye(2, dtype=np.float32), ["a", "b"], ["a", "b"], "title")
+    title = fig.layout.title
+    assert (title.yref, title.y, title.yanchor) == ("paper", 1, "bottom")
+    assert fig.layout.margin.t >= figures.MODEBAR_STRIP + title.font.size + title.pad.b

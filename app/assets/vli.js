@@ -1,4 +1,23 @@
 /* Browser-side callbacks of VL-InterpreT: no server round trip for token clicks and tinting. */
+
+/* The colour of value a (0..1) on a plotly colour scale [[position, '#rrggbb'], ...]: [r, g, b]. */
+function vliScaleColor(scale, a) {
+  const rgb = hex => [1, 3, 5].map(k => parseInt(hex.slice(k, k + 2), 16));
+  let k = 1;
+  while (k < scale.length - 1 && scale[k][0] < a) { k++; }
+  const [p0, c0] = scale[k - 1], [p1, c1] = scale[k];
+  const t = p1 > p0 ? Math.min(1, Math.max(0, (a - p0) / (p1 - p0))) : 0;
+  const lo = rgb(c0), hi = rgb(c1);
+  return lo.map((v, j) => Math.round(v + (hi[j] - v) * t));
+}
+
+/* Black or white, whichever contrasts more with background [r, g, b] (WCAG relative luminance). */
+function vliTextColor(rgb) {
+  const lin = rgb.map(v => { const c = v / 255; return c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4); });
+  const lum = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2];
+  return (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) ? '#000' : '#fff';
+}
+
 window.dash_clientside = Object.assign({}, window.dash_clientside, {
   vli: {
     /* A token element was clicked: report its index (pattern-matching id) to the TOKEN_CLICK store. */
@@ -10,8 +29,9 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
       const id = JSON.parse(pid.slice(0, pid.lastIndexOf('.')));
       return {index: id.index, t: Date.now()};
     },
-    /* Tint every clickable token by the selection's attention to it (ATT_STORE). */
-    tint: function (att, tokenIds) {
+    /* Tint every clickable token by the selection's attention to it (ATT_STORE) on the attention
+       colour scale of the figures (ATT_SCALE), 0 .. att.max, with black or white text for contrast. */
+    tint: function (att, tokenIds, scale) {
       const n = tokenIds.length;
       const styles = new Array(n), titles = new Array(n);
       const sel = new Set((att && att.sel) || []);
@@ -19,14 +39,12 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
         const i = tokenIds[k].index;
         const st = {};
         let title = 'click to show this token\'s attention';
-        if (att && att.w && i < att.w.length) {
+        if (att && att.w && i < att.w.length && scale) {
           const w = att.w[i];
-          const a = att.max > 0 ? Math.min(1, w / att.max) : 0;
-          /* Viridis-like ramp from pale yellow to deep blue-purple. */
-          const r = Math.round(253 + (68 - 253) * a), g = Math.round(231 + (1 - 231) * a),
-                b = Math.round(37 + (84 - 37) * a);
-          st.backgroundColor = `rgba(${r},${g},${b},${0.15 + 0.85 * a})`;
-          st.color = a > 0.55 ? '#fff' : null;
+          const a = att.max > 0 ? Math.min(1, Math.max(0, w / att.max)) : 0;
+          const rgb = vliScaleColor(scale, a);
+          st.backgroundColor = `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`;
+          st.color = vliTextColor(rgb);
           title = `attention ${w.toFixed(4)}`;
         }
         if (sel.has(i)) { st.outline = '2px solid #d62728'; st.outlineOffset = '1px'; }
@@ -35,5 +53,18 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
       }
       return [styles, titles];
     }
+  }
+});
+
+/* Slider tooltips (dcc.Slider tooltip.transform): the layer slider names layer 0 "emb", as its marks do. */
+window.dccFunctions = Object.assign({}, window.dccFunctions, {
+  vliLayerLabel: function (value) { return value === 0 ? 'emb' : String(value); }
+});
+
+/* Enter in a slider's number box commits the value (dcc.Slider commits it only when the box loses focus). */
+document.addEventListener('keydown', function (e) {
+  const box = e.target;
+  if (e.key === 'Enter' && box && box.matches && box.matches('.dash-slider-container input[type="number"]')) {
+    box.blur();
   }
 });

@@ -1,10 +1,11 @@
 """Example selector (dropdown + previous/next) and the model's prediction for the example."""
 from __future__ import annotations
 
-from dash import Input, Output, State, ctx as dctx, html, dcc, no_update
+from dash import Input, Output, State, ctx as dctx, html, dcc
 from dash.exceptions import PreventUpdate
 
 from app import ids
+from app.panels.common import example_info
 
 
 def example_options(db) -> list[dict]:
@@ -26,7 +27,8 @@ def layout(ctx, ex_id):
 
 
 def prediction_children(info) -> list:
-    """Badge saying correct / incorrect / unknown, then the prediction (answer, score, label)."""
+    """Badge saying correct / incorrect / unknown, the prediction (answer, score, label), the
+    example's notes (``info.notes``, e.g. "the text was cut to the model's 40 tokens"), the text."""
     acc = info.accuracy
     kind, word = ("unknown", "accuracy unknown") if acc is None else \
         (("correct", "correct") if acc else ("incorrect", "incorrect"))
@@ -39,6 +41,9 @@ def prediction_children(info) -> list:
         if pred.get("label") not in (None, ""):
             parts.append(html.Span([" · label: ", html.B(str(pred["label"]))]))
         out.append(html.Span(parts, className="pred-text"))
+    for note in getattr(info, "notes", None) or ():  # what the record's maker noted (e.g. a cut text)
+        out.append(html.Span([html.Span("note", className="note-tag"), str(note)], className="note",
+                             title=str(note)))
     if info.text:
         out.append(html.Span(f"“{info.text}”", className="raw-text", title="the input text"))
     return out
@@ -64,6 +69,4 @@ def register_callbacks(app, ctx):
     @app.callback(Output(ids.PREDICTION, "children"), Input(ids.EXAMPLE_SELECT, "value"),
                   prevent_initial_call=True)
     def show_prediction(ex_id):
-        if ex_id is None:
-            return no_update
-        return prediction_children(db.example(ex_id))
+        return prediction_children(example_info(db, ex_id))

@@ -7,9 +7,11 @@ from dash.exceptions import PreventUpdate
 
 from app import figures, ids
 from app.database.stats import STATISTICS
-from app.panels.common import head_label, initial_figure, panel
+from app.panels.common import (as_index, example_info, first_point, head_label, head_selection, initial_figure,
+                               panel)
 
 CUSTOM_HELP = "a custom per-head metric supplied with the records"
+HEAD_AXES_PX = 48  # the head summary's top and bottom margins (figures.head_summary_figure)
 
 
 def statistic_options(db) -> list[dict]:
@@ -47,10 +49,16 @@ def layout(ctx, ex_id):
         ], className="controls"),
         html.P(help_text, id=ids.HEAD_STAT_HELP, className="help stat-help"),
         dcc.Graph(id=ids.HEAD_GRAPH, config={"displayModeBar": False}, className="head-graph",
-                  style={"height": "var(--head-graph-height)"}, **initial_figure(figure)),
+                  style={"height": head_graph_height(ctx.db.n_layers or 1)}, **initial_figure(figure)),
         html.Div(head_title(head) if head else None, id=ids.HEAD_TITLE, className="selected-head"),
         dcc.Store(id=ids.HEAD_STORE, data=head),
         class_name="panel-heads")
+
+
+def head_graph_height(n_layers: int) -> str:
+    """CSS height of the head summary: one row per layer (``--head-row``, style.css) plus the axes,
+    at most ``--head-graph-max``, so that a small model leaves room for the panels under it."""
+    return f"min(calc({n_layers} * var(--head-row) + {HEAD_AXES_PX}px), var(--head-graph-max))"
 
 
 def summary_view(db, ex_id: int, stat: str, z: bool, head_sel) -> tuple:
@@ -79,18 +87,21 @@ def register_callbacks(app, ctx):
                   Input(ids.EXAMPLE_SELECT, "value"), Input(ids.HEAD_STAT, "value"),
                   Input(ids.HEAD_ZSCORE, "value"), State(ids.HEAD_STORE, "data"), prevent_initial_call=True)
     def draw_heads(ex_id, stat, zs, head_sel):
-        if ex_id is None or stat is None:
+        example_info(db, ex_id)
+        if not isinstance(stat, str) or stat not in db.statistic_names():
             raise PreventUpdate
-        return summary_view(db, ex_id, stat, bool(zs), head_sel)
+        return summary_view(db, ex_id, stat, bool(zs), None if head_sel is None else head_selection(db, head_sel))
 
     @app.callback(Output(ids.HEAD_STORE, "data"), Output(ids.HEAD_GRAPH, "figure", allow_duplicate=True),
                   Input(ids.HEAD_GRAPH, "clickData"), prevent_initial_call=True)
     def select_head(click):
-        if not click or not click.get("points"):
+        """A click on a cell: trace 0 is the head grid (x = head), trace 1 the layer means."""
+        pt = first_point(click)
+        layer = as_index(pt.get("y"), db.n_layers)
+        curve = pt.get("curveNumber")
+        if curve not in (0, 1) or isinstance(curve, bool):
             raise PreventUpdate
-        pt = click["points"][0]
-        layer = int(round(pt["y"]))
-        head = None if pt.get("curveNumber") == 1 else int(round(pt["x"]))
+        head = None if curve == 1 else as_index(pt.get("x"), db.n_heads)
         patch = Patch()
         patch["layout"]["shapes"] = [figures.head_selection_shape(layer, head, db.n_heads)]
         return {"layer": layer, "head": head}, patch
@@ -99,4 +110,4 @@ def register_callbacks(app, ctx):
     def show_head(head_sel):
         if not head_sel:
             return no_update
-        return head_title(head_sel)
+        return head_title(head_selection(db, head_sel))

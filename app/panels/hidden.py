@@ -14,26 +14,34 @@ from dash import Input, Output, Patch, State, ctx as dctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from app import figures, ids
-from app.panels.common import head_label, initial_figure, panel
+from app.panels.common import (as_index, clear_drawn_selection, example_info, first_point, head_label,
+                               head_selection, initial_figure, panel, selected_tokens)
 
 NEIGHBOR_HINT = "Select a token to find its closest token of the other modality."
 MATRIX_KINDS = [{"label": "text → text", "value": "tt"}, {"label": "image → image", "value": "ii"},
                 {"label": "full", "value": "full"}]
+MATRIX_NAMES = {k["value"]: k["label"] for k in MATRIX_KINDS}
+EMB = "emb"  # the layer slider's name for hidden-state layer 0 (before layer 1)
+MATRIX_TOOLS_REMOVED = ["select2d", "lasso2d", "autoScale2d", "zoomIn2d", "zoomOut2d"]  # a short tool bar
 
 
 def layout(ctx, ex_id):
     """The tabs, the t-SNE map of ``ex_id``'s last layer shown (None: an empty database)."""
     n_layers = ctx.db.n_layers or 0  # 0: no examples yet
     figure, ready = tsne_view(ctx.db, ex_id, n_layers) if ex_id is not None else (None, None)
-    marks = {0: "emb"}
+    marks = {0: EMB}
     marks.update({l: str(l) for l in range(1, n_layers + 1) if n_layers <= 12 or l % 2 == 0 or l == n_layers})
     tsne_tab = dcc.Tab(label="Hidden states (t-SNE)", value="tsne", children=[
         html.P("Each dot is a token of this example; text and image tokens in two colours, special "
                "tokens grey. Hover an image dot to see its patch; click a dot to select that token.",
                className="help"),
         html.Div([html.Span("Layer", className="label"),
+                  # No number box: it would show 0 where the marks say "emb"; the tooltip names the
+                  # layer the way the marks do (window.dccFunctions.vliLayerLabel, app/assets/vli.js).
                   html.Div(dcc.Slider(id=ids.TSNE_LAYER, min=0, max=n_layers, step=1, value=n_layers,
-                                      marks=marks), className="layer-slider")], className="controls"),
+                                      marks=marks, allow_direct_input=False,
+                                      tooltip={"transform": "vliLayerLabel", "placement": "top"}),
+                           className="layer-slider")], className="controls"),
         dcc.Graph(id=ids.TSNE_GRAPH, clear_on_unhover=True, className="tsne-graph",
                   config={"displayModeBar": False}, **initial_figure(figure)),
         dcc.Tooltip(id=ids.TSNE_TOOLTIP, direction="left"),
@@ -47,7 +55,8 @@ def layout(ctx, ex_id):
                className="help"),
         dcc.RadioItems(id=ids.MATRIX_KIND, options=MATRIX_KINDS, value="tt", inline=True,
                        className="matrix-kind"),
-        dcc.Graph(id=ids.MATRIX_GRAPH, className="matrix-graph", config={"displaylogo": False}),
+        dcc.Graph(id=ids.MATRIX_GRAPH, className="matrix-graph",
+                  config={"displaylogo": False, "modeBarButtonsToRemove": MATRIX_TOOLS_REMOVED}),
     ])
     return panel("Hidden states and attention matrix", "Pick a view; only the visible one is computed.",
                  dcc.Tabs(id=ids.VIEW_TABS, value="tsne", children=[tsne_tab, matrix_tab],
@@ -74,9 +83,10 @@ def register_callbacks(app, ctx):
                   Input(ids.EXAMPLE_SELECT, "value"), Input(ids.TSNE_LAYER, "value"),
                   Input(ids.VIEW_TABS, "value"), prevent_initial_call=True)
     def draw_tsne(ex_id, layer, tab):
-        if ex_id is None or tab != "tsne" or layer is None:
+        if tab != "tsne":
             raise PreventUpdate
-        return tsne_view(db, ex_id, layer)
+        example_info(db, ex_id)
+        return tsne_view(db, ex_id, as_index(layer, db.n_layers + 1))
 
     @app.callback(Output(ids.TSNE_GRAPH, "figure", allow_duplicate=True), Output(ids.NEIGHBOR_INFO, "children"),
                   Output(ids.NEIGHBOR_STORE, "data"), Output(ids.NEIGHBOR_OPEN, "style"),
@@ -87,10 +97,10 @@ def register_callbacks(app, ctx):
         """Mark the selected token and its nearest other-modality token on the map (a Patch)."""
         if not ready:
             raise PreventUpdate
-        ex_id, layer = ready["ex"], ready["layer"]
+        ex_id, layer, info = _tsne_ready(db, ready)
         patch = Patch()
         hidden = {"display": "none"}
-        tokens = sel["tokens"] if sel and sel.get("ex") == ex_id else []
+        tokens = selected_tokens(sel, ex_id, info.n_tokens)
         if not tokens:
             if shown_info == NEIGHBOR_HINT:
                 # Nothing is marked (a fresh map, or already cleared): sending an empty Patch would
@@ -104,7 +114,6 @@ def register_callbacks(app, ctx):
         pts = db.tsne(ex_id, layer)
         patch["data"][3]["x"] = pts[tokens, 0].astype(float).tolist()
         patch["data"][3]["y"] = pts[tokens, 1].astype(float).tolist()
-        info = db.example(ex_id)
         labels = figures.token_labels(info.tokens, info.coords)
         tok = tokens[0]
         if info.special[tok]:
@@ -135,14 +144,22 @@ def register_callbacks(app, ctx):
     @app.callback(Output(ids.EXAMPLE_SELECT, "value", allow_duplicate=True),
                   Output(ids.SEL_STORE, "data", allow_duplicate=True),
                   Output(ids.SIDE, "value", allow_duplicate=True),
+                  Output(ids.IMAGE_GRAPH, "figure", allow_duplicate=True),
+                  Output(ids.IMAGE_GRAPH, "selectedData", allow_duplicate=True),
                   Input(ids.NEIGHBOR_OPEN, "n_clicks"), State(ids.NEIGHBOR_STORE, "data"),
+                  State(ids.EXAMPLE_READY, "data"), State(ids.IMAGE_GRAPH, "selectedData"),
                   prevent_initial_call=True)
-    def open_neighbor(n, nb):
-        if not n or not nb:
+    def open_neighbor(n, nb, shown_ex, img_selected):
+        """Select the nearest token (opening its example); a box/lasso drawn on this example's
+        image no longer shows the selection, so it goes."""
+        if not n or not isinstance(nb, dict):
             raise PreventUpdate
-        info = db.example(nb["ex"])
-        side = "text" if nb["token"] < info.txt_len else "image"
-        return nb["ex"], {"ex": nb["ex"], "tokens": [nb["token"]]}, side
+        info = example_info(db, nb.get("ex"))
+        token = as_index(nb.get("token"), info.n_tokens)
+        side = "text" if token < info.txt_len else "image"
+        if img_selected and info.ex_id == shown_ex and info.grid:
+            return info.ex_id, {"ex": info.ex_id, "tokens": [token]}, side, clear_drawn_selection(info), None
+        return info.ex_id, {"ex": info.ex_id, "tokens": [token]}, side, no_update, no_update
 
     @app.callback(Output(ids.TSNE_TOOLTIP, "show"), Output(ids.TSNE_TOOLTIP, "bbox"),
                   Output(ids.TSNE_TOOLTIP, "children"),
@@ -151,27 +168,28 @@ def register_callbacks(app, ctx):
         """Image tokens hover with a thumbnail of the image, the patch outlined."""
         if not hover or not ready:
             return False, no_update, no_update
-        pt = hover["points"][0]
+        pt = first_point(hover)
         if pt.get("curveNumber") != 1:
             return False, no_update, no_update
-        ex_id = ready["ex"]
-        info = db.example(ex_id)
+        ex_id, _, info = _tsne_ready(db, ready)
         tok = point_token(pt, info)
-        if tok is None:
+        bbox = pt.get("bbox")
+        if tok is None or not isinstance(bbox, dict):
             return False, no_update, no_update
         jpeg = figures.thumbnail_jpeg(small_image(ex_id), info.coords[tok], info.grid)
         label = figures.token_labels(info.tokens, info.coords)[tok]
         children = [html.Img(src="data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"),
                              className="thumb"), html.Div(label, className="thumb-label")]
-        return True, pt["bbox"], children
+        return True, bbox, children
 
     @app.callback(Output(ids.MATRIX_GRAPH, "figure"),
                   Input(ids.EXAMPLE_SELECT, "value"), Input(ids.HEAD_STORE, "data"),
                   Input(ids.MATRIX_KIND, "value"), Input(ids.VIEW_TABS, "value"), prevent_initial_call=True)
     def draw_matrix(ex_id, head_sel, kind, tab):
-        if ex_id is None or tab != "matrix" or not head_sel:
+        if tab != "matrix" or not head_sel or not isinstance(kind, str) or kind not in MATRIX_NAMES:
             raise PreventUpdate
-        info = db.example(ex_id)
+        info = example_info(db, ex_id)
+        head_sel = head_selection(db, head_sel)
         m = np.asarray(db.attention_matrix(ex_id, head_sel["layer"], head_sel["head"]), dtype=np.float32)
         labels = figures.token_labels(info.tokens, info.coords)
         t = info.txt_len
@@ -181,19 +199,30 @@ def register_callbacks(app, ctx):
             sub, ql, kl, qo, ko = m[t:, t:], labels[t:], labels[t:], t, t
         else:
             sub, ql, kl, qo, ko = m, labels, labels, 0, 0
-        name = {k["value"]: k["label"] for k in MATRIX_KINDS}[kind]
-        return figures.attention_matrix_figure(sub, ql, kl, f"Attention matrix ({name}) — {head_label(head_sel)}",
-                                               q_offset=qo, k_offset=ko)
+        title = f"Attention matrix ({MATRIX_NAMES[kind]}) — {head_label(head_sel)}"
+        return figures.attention_matrix_figure(sub, ql, kl, title, q_offset=qo, k_offset=ko)
+
+
+def _tsne_ready(db, ready) -> tuple:
+    """(example id, layer, ExampleInfo) of a TSNE_READY value, checked."""
+    if not isinstance(ready, dict):
+        raise PreventUpdate
+    info = example_info(db, ready.get("ex"))
+    return info.ex_id, as_index(ready.get("layer"), db.n_layers + 1), info
 
 
 def point_token(pt: dict, info):
     """Token index of a t-SNE point: its customdata, or else its position in its trace (the traces
-    hold text, image and special tokens in stored order, see figures.tsne_figure)."""
+    hold text, image and special tokens in stored order, see figures.tsne_figure); None when the
+    point names no token of the example."""
     cd = pt.get("customdata")
-    if isinstance(cd, (int, float)):
-        return int(cd)
+    if cd is not None:
+        if isinstance(cd, float) and cd.is_integer():
+            cd = int(cd)
+        valid = isinstance(cd, int) and not isinstance(cd, bool) and 0 <= cd < info.n_tokens
+        return cd if valid else None
     curve, k = pt.get("curveNumber"), pt.get("pointNumber", pt.get("pointIndex"))
-    if curve not in (0, 1, 2) or not isinstance(k, int):
+    if curve not in (0, 1, 2) or isinstance(k, bool) or not isinstance(k, int):
         return None
     special = info.special
     members = [i for i in range(len(info.tokens))

@@ -12,12 +12,23 @@ from dash import ALL, ClientsideFunction, Input, Output, Patch, State, ctx as dc
 from dash.exceptions import PreventUpdate
 
 from app import figures, ids
-from app.panels.common import head_label, initial_figure, panel
+from app.panels.common import (as_index, clear_drawn_selection, example_info, first_point, head_label,
+                               head_selection, initial_figure, panel, selected_tokens)
 from app.panels.hidden import point_token
 
 PLAY_MS = 900
 DEFAULT_OPACITY = 0.6
 HINT = "Click a text token or an image patch to see its attention"
+PAD = "[PAD]"
+SIDES = ("text", "image")
+LEGEND_STYLE = {"background": figures.css_gradient(figures.ATTENTION_SCALE)}
+
+
+def play_label(playing: bool) -> list:
+    """The Play button's icon and word. The icons are CSS shapes: "⏸" has no glyph in the fonts of
+    a plain Debian Chromium (it showed as an empty box)."""
+    return [html.Span(className="icon icon-pause" if playing else "icon icon-play"),
+            "Pause" if playing else "Play"]
 
 
 def layout(ctx, ex_id):
@@ -33,7 +44,8 @@ def layout(ctx, ex_id):
             dcc.RadioItems(id=ids.SIDE, options=[{"label": " text", "value": "text"},
                                                  {"label": " image", "value": "image"}],
                            value="text", inline=True, className="side-switch"),
-            html.Button("▶ Play", id=ids.PLAY, className="btn", title="step through the text tokens"),
+            html.Button(play_label(False), id=ids.PLAY, className="btn play-btn",
+                        title="step through the text tokens"),
             html.Button("Clear", id=ids.CLEAR_SELECTION, className="btn", title="clear the selection"),
         ], className="controls"),
         html.Div(HINT, id=ids.ATT_TITLE, className="att-title"),
@@ -55,6 +67,7 @@ def layout(ctx, ex_id):
         dcc.Interval(id=ids.PLAY_INTERVAL, interval=PLAY_MS, disabled=True),
         dcc.Store(id=ids.TOKEN_CLICK), dcc.Store(id=ids.SEL_STORE, data=empty_selection(ex_id)),
         dcc.Store(id=ids.ATT_STORE), dcc.Store(id=ids.EXAMPLE_READY, data=ready),
+        dcc.Store(id=ids.ATT_SCALE, data=figures.ATTENTION_SCALE),
         class_name="panel-attention")
 
 
@@ -67,16 +80,31 @@ def _span(text: str, index: int, cls: str, title: str = None) -> dict:
     return {"type": "Span", "namespace": "dash_html_components", "props": props}
 
 
+def trailing_pads(info) -> int:
+    """How many ``[PAD]`` tokens end the text (padding up to the model's length, never drawn)."""
+    n = 0
+    while n < info.txt_len and info.tokens[info.txt_len - 1 - n] == PAD:
+        n += 1
+    return n
+
+
 def token_elements(info) -> tuple[list, list]:
     """Text segments (split after each [SEP]) of clickable token spans, and the image-side special
-    token chips. Special tokens get the class ``special`` (greyed) but stay clickable."""
+    token chips. Special tokens get the class ``special`` (greyed) but stay clickable. Trailing
+    ``[PAD]`` tokens are one small "+N [PAD]" note at the end instead of N tokens."""
     segments, current = [], []
-    for i in range(info.txt_len):
+    pads = trailing_pads(info)
+    for i in range(info.txt_len - pads):
         tok = info.tokens[i]
         current.append(_span(tok, i, "tok special" if info.special[i] else "tok"))
         if tok == "[SEP]":
             segments.append(html.Div(current, className="segment"))
             current = []
+    if pads:
+        note = {"type": "Span", "namespace": "dash_html_components",
+                "props": {"children": f"+{pads} {PAD}", "className": "pad-note",
+                          "title": f"{pads} padding tokens end the text (not shown)"}}
+        (current if current or not segments else segments[-1].children).append(note)
     if current:
         segments.append(html.Div(current, className="segment"))
     chips = [_span(info.tokens[i], i, "tok special chip", "image-side special token: click to select it")
@@ -111,15 +139,17 @@ def register_callbacks(app, ctx):
                   Input(ids.EXAMPLE_SELECT, "value"),
                   State(ids.OPACITY, "value"), State(ids.SMOOTH, "value"), prevent_initial_call=True)
     def show_example(ex_id, opacity, smooth):
-        if ex_id is None:
-            raise PreventUpdate
-        return example_view(db, ex_id, opacity, smooth)
+        example_info(db, ex_id)
+        shown = _opacity(opacity)
+        return example_view(db, ex_id, DEFAULT_OPACITY if shown is None else shown, smooth)
 
     app.clientside_callback(ClientsideFunction("vli", "tokenClick"), Output(ids.TOKEN_CLICK, "data"),
                             Input({"type": ids.TOKEN, "index": ALL}, "n_clicks"), prevent_initial_call=True)
 
     @app.callback(Output(ids.SEL_STORE, "data"), Output(ids.SIDE, "value"),
                   Output(ids.PLAY_INTERVAL, "disabled"), Output(ids.PLAY, "children"),
+                  Output(ids.IMAGE_GRAPH, "figure", allow_duplicate=True),
+                  Output(ids.IMAGE_GRAPH, "selectedData"),
                   Input(ids.EXAMPLE_SELECT, "value"), Input(ids.TOKEN_CLICK, "data"),
                   Input(ids.IMAGE_GRAPH, "clickData"), Input(ids.IMAGE_GRAPH, "selectedData"),
                   Input(ids.TSNE_GRAPH, "clickData"), Input(ids.SIDE, "value"),
@@ -128,55 +158,68 @@ def register_callbacks(app, ctx):
                   State(ids.SEL_STORE, "data"), State(ids.PLAY_INTERVAL, "disabled"), prevent_initial_call=True)
     def select_tokens(ex_id, token_click, img_click, img_selected, tsne_click, side, _clear, _play, _tick,
                       sel, stopped):
-        """Every way of choosing the query tokens, in one place (branching on the trigger)."""
-        if ex_id is None:
-            raise PreventUpdate
+        """Every way of choosing the query tokens, in one place (branching on the trigger). Any
+        choice but a box/lasso selection also removes the box/lasso drawn on the image (and its
+        selectedData, which says whether one is drawn)."""
+        info = example_info(db, ex_id)
         trig = dctx.triggered_id
-        cur = sel["tokens"] if sel and sel.get("ex") == ex_id else []
         nu = no_update
-        stop = (True, "▶ Play")
+
+        def answer(tokens=None, new_side=nu, playing=False, clear=True):
+            """The outputs: the selection (None: unchanged), the side, Play's state (None: unchanged)."""
+            drawn = clear and bool(img_selected) and bool(info.grid)
+            play = (nu, nu) if playing is None else (not playing, play_label(playing))
+            return (nu if tokens is None else {"ex": ex_id, "tokens": tokens}, new_side, *play,
+                    clear_drawn_selection(info) if drawn else nu, None if drawn else nu)
+
         if trig == ids.EXAMPLE_SELECT:
-            if sel and sel.get("ex") == ex_id:  # e.g. opened from the nearest-token link
+            if isinstance(sel, dict) and sel.get("ex") == ex_id:  # e.g. opened from the nearest-token link
                 raise PreventUpdate
-            return empty_selection(ex_id), nu, *stop
-        info = db.example(ex_id)
+            # A new, bare image figure comes: only the previous one's selectedData goes.
+            return *answer([], clear=False)[:5], None if img_selected else nu
+        cur = selected_tokens(sel, ex_id, info.n_tokens)
         if trig == ids.TOKEN_CLICK:
-            if not token_click:
+            if not isinstance(token_click, dict):
                 raise PreventUpdate
-            i = int(token_click["index"])
-            return {"ex": ex_id, "tokens": [i]}, "text" if i < info.txt_len else "image", *stop
+            i = as_index(token_click.get("index"), info.n_tokens)
+            return answer([i], "text" if i < info.txt_len else "image")
         if trig == ids.IMAGE_GRAPH and f"{ids.IMAGE_GRAPH}.clickData" in dctx.triggered_prop_ids:
-            tok = _token_from_point((img_click or {}).get("points", [{}])[0])
-            if tok is None or tok < 0:
-                raise PreventUpdate
-            return {"ex": ex_id, "tokens": [tok]}, "image", *stop
-        if trig == ids.IMAGE_GRAPH:  # box / lasso selection: all the selected patches
-            toks = sorted({t for t in (_token_from_point(p) for p in (img_selected or {}).get("points", []))
-                           if t is not None and t >= 0})
-            if not toks:
-                raise PreventUpdate
-            return {"ex": ex_id, "tokens": toks}, "image", *stop
-        if trig == ids.TSNE_GRAPH:
-            pts = (tsne_click or {}).get("points") or [{}]
-            tok = point_token(pts[0], info)
+            tok = _token_from_point(first_point(img_click), info.n_tokens)
             if tok is None:
                 raise PreventUpdate
-            return {"ex": ex_id, "tokens": [tok]}, "text" if tok < info.txt_len else "image", *stop
+            return answer([tok], "image")
+        if trig == ids.IMAGE_GRAPH:  # box / lasso selection: all the selected patches, drawn as selected
+            points = img_selected.get("points") if isinstance(img_selected, dict) else None
+            if not isinstance(points, list) or len(points) > info.n_tokens:
+                raise PreventUpdate
+            toks = sorted({t for t in (_token_from_point(p, info.n_tokens) for p in points) if t is not None})
+            if not toks:
+                raise PreventUpdate
+            return answer(toks, "image", clear=False)
+        if trig == ids.TSNE_GRAPH:
+            tok = point_token(first_point(tsne_click), info)
+            if tok is None:
+                raise PreventUpdate
+            return answer([tok], "text" if tok < info.txt_len else "image")
         if trig == ids.SIDE or trig == ids.CLEAR_SELECTION:
-            return empty_selection(ex_id), nu, *stop
+            if side not in SIDES:
+                raise PreventUpdate
+            return answer([])
+        n_text = info.txt_len - trailing_pads(info)  # Play steps through the tokens shown
         if trig == ids.PLAY:
             if not stopped:
-                return nu, nu, *stop
-            start = 0 if not cur or cur[0] >= info.txt_len - 1 or side != "text" else cur[0]
-            return {"ex": ex_id, "tokens": [start]}, "text", False, "⏸ Pause"
-        if trig == ids.PLAY_INTERVAL:
+                return answer()  # pause
+            if n_text == 0:
+                raise PreventUpdate
+            start = 0 if not cur or cur[0] >= n_text - 1 or side != "text" else cur[0]
+            return answer([start], "text", playing=True)
+        if trig == ids.PLAY_INTERVAL:  # (a box/lasso drawn meanwhile stopped the play: none to clear)
             if stopped:
                 raise PreventUpdate
-            nxt = cur[0] + 1 if cur and len(cur) == 1 and cur[0] < info.txt_len else 0
-            if nxt >= info.txt_len:
-                return nu, nu, *stop
-            out_stop = (True, "▶ Play") if nxt == info.txt_len - 1 else (nu, nu)
-            return {"ex": ex_id, "tokens": [nxt]}, "text", *out_stop
+            nxt = cur[0] + 1 if len(cur) == 1 and cur[0] < n_text else 0
+            if nxt >= n_text:
+                return answer(clear=False)
+            return answer([nxt], "text", playing=False if nxt == n_text - 1 else None, clear=False)
         raise PreventUpdate
 
     @app.callback(Output(ids.ATT_STORE, "data"), Output(ids.IMAGE_GRAPH, "figure", allow_duplicate=True),
@@ -187,9 +230,10 @@ def register_callbacks(app, ctx):
         """Attention of the selected queries (one read of just those rows) to every token."""
         if ready is None or not head_sel:
             raise PreventUpdate
-        info = db.example(ready)
+        info = example_info(db, ready)
+        head_sel = head_selection(db, head_sel)
         patch = Patch()
-        tokens = sel["tokens"] if sel and sel.get("ex") == ready else []
+        tokens = selected_tokens(sel, ready, info.n_tokens)
         if not tokens:
             if shown_title == HINT:
                 # No overlay is shown (a fresh image figure, or already cleared): an empty Patch
@@ -204,46 +248,63 @@ def register_callbacks(app, ctx):
             return None, patch, HINT
         att = db.attention(ready, head_sel["layer"], head_sel["head"], tokens)
         att = np.asarray(att, dtype=np.float32)
+        image_max = None
         if info.grid:
-            state = figures.overlay_state(figures.overlay_grid(att, info.coords, info.grid), info.grid)
+            grid = figures.overlay_grid(att, info.coords, info.grid)
+            state = figures.overlay_state(grid, info.grid)
+            image_max = state["zmax"]
             for key, value in state.items():
                 patch["data"][0][key] = value
             patch["layout"]["shapes"] = figures.patch_shapes(tokens, info.coords, info.grid, info.image_size)
-        # Text tokens and image-side special tokens are tinted in the browser (vli.tint).
+        # Text tokens and image-side special tokens are tinted in the browser (vli.tint), on the
+        # same colour scale as the image, from 0 to the highest attention of a (non-special) token.
         n_chips = next((i for i in range(info.txt_len, len(info.tokens)) if info.coords[i] is not None),
                        len(info.tokens))
         shown = att[:n_chips]
         plain = ~np.asarray(info.special[:n_chips], dtype=bool)
-        scale = float(shown[plain].max()) if plain.any() else float(shown.max()) if len(shown) else 0.0
+        scale = figures.scale_max(shown[plain] if plain.any() else shown)
         store = {"w": np.round(shown.astype(np.float64), 4).tolist(), "max": scale, "sel": tokens}
         labels = figures.token_labels(info.tokens, info.coords)
         what = f"‘{labels[tokens[0]]}’" if len(tokens) == 1 else f"{len(tokens)} tokens (averaged)"
+        ranges = f"text 0 – {scale:.3g}" + (f", image 0 – {image_max:.3g}" if image_max is not None else "")
         title = [f"Attention from {what} — ", html.B(head_label(head_sel)),
-                 html.Span([" · text tint ", html.Span(className="tint-legend"), f" 0 – {scale:.3g}",
-                            " (hover a token for its value); heatmap over the image"], className="muted")]
+                 html.Span([" · colour ", html.Span(className="tint-legend", style=LEGEND_STYLE),
+                            f" low → high: {ranges} (hover for values)"], className="muted")]
         return store, patch, title
 
     app.clientside_callback(ClientsideFunction("vli", "tint"),
                             Output({"type": ids.TOKEN, "index": ALL}, "style"),
                             Output({"type": ids.TOKEN, "index": ALL}, "title"),
                             Input(ids.ATT_STORE, "data"), State({"type": ids.TOKEN, "index": ALL}, "id"),
-                            prevent_initial_call=True)
+                            State(ids.ATT_SCALE, "data"), prevent_initial_call=True)
 
     @app.callback(Output(ids.IMAGE_GRAPH, "figure", allow_duplicate=True),
                   Input(ids.OPACITY, "value"), Input(ids.SMOOTH, "value"), State(ids.EXAMPLE_READY, "data"),
                   prevent_initial_call=True)
     def style_overlay(opacity, smooth, ready):
-        if ready is None or not db.example(ready).grid:
+        if ready is None or not example_info(db, ready).grid:
+            raise PreventUpdate
+        if _opacity(opacity) is None:
             raise PreventUpdate
         patch = Patch()
-        patch["data"][0]["opacity"] = opacity
+        patch["data"][0]["opacity"] = _opacity(opacity)
         patch["data"][0]["zsmooth"] = "best" if smooth else False
         return patch
 
 
-def _token_from_point(pt: dict):
-    """Token index of a clicked/selected point of the image figure (heatmap cell or patch marker)."""
-    cd = pt.get("customdata")
+def _opacity(value):
+    """The overlay opacity slider's value as a float in 0..1; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        return None
+    return float(value)
+
+
+def _token_from_point(pt, n_tokens: int):
+    """Token index of a clicked/selected point of the image figure (heatmap cell or patch marker),
+    None where the point names no token (an empty cell's -1, or anything out of range)."""
+    cd = pt.get("customdata") if isinstance(pt, dict) else None
     if isinstance(cd, list):
         cd = cd[0] if cd else None
-    return int(cd) if isinstance(cd, (int, float)) else None
+    if isinstance(cd, float) and cd.is_integer():
+        cd = int(cd)
+    return cd if isinstance(cd, int) and not isinstance(cd, bool) and 0 <= cd < n_tokens else None
