@@ -9,7 +9,7 @@ from app.database.stats import STATISTICS, head_statistics
 from helpers import make_record
 
 
-def loop_statistics(attention, txt_len, special):
+def loop_statistics(attention, txt_len, special, coords, image_size, grid):
     """The documented definitions, one query and one key at a time."""
     n_layers, n_heads, n, _ = attention.shape
     text = [i for i in range(n) if i < txt_len and not special[i]]
@@ -42,7 +42,23 @@ def loop_statistics(attention, txt_len, special):
                 out["intra_modal"][layer, head] = mean_mass(a, text + image, lambda q: text if q in text else image)
             specials = [k for k in range(n) if special[k]]
             out["to_special"][layer, head] = mean_mass(a, text + image, lambda q: specials)
+            entropies = [-sum(a[q, k] * math.log(a[q, k]) for k in range(n) if a[q, k] > 0) for q in text + image]
+            out["entropy"][layer, head] = sum(entropies) / len(entropies) if entropies else math.nan
+            out["distance"][layer, head] = loop_distance(a, coords, image_size, grid)
     return out
+
+
+def loop_distance(a, coords, image_size, grid):
+    if grid is None:
+        return math.nan
+    (h, w), (rows, cols) = image_size, grid
+    centre = {i: ((c[0] + 0.5) * w / cols, (c[1] + 0.5) * h / rows) for i, c in enumerate(coords) if c is not None}
+    distances = []
+    for q in centre:
+        mass = sum(a[q, k] for k in centre)
+        if mass > 0:
+            distances.append(sum(a[q, k] * math.dist(centre[q], centre[k]) for k in centre) / mass)
+    return sum(distances) / len(distances) if distances else math.nan
 
 
 CASES = {
@@ -59,8 +75,10 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_vectorised_statistics_match_loops(case):
     record = validate_record(make_record(3, n_layers=3, n_heads=2, seed=5, **CASES[case]))
-    got = head_statistics(record.attention, record.txt_len, record.special)
-    want = loop_statistics(record.attention.astype(np.float64), record.txt_len, record.special)
+    got = head_statistics(record.attention, record.txt_len, record.special, record.coords,
+                          record.image.shape[:2], record.grid)
+    want = loop_statistics(record.attention.astype(np.float64), record.txt_len, record.special, record.coords,
+                           record.image.shape[:2], record.grid)
     assert list(got) == list(STATISTICS)
     for key in STATISTICS:
         assert got[key].shape == (3, 2) and got[key].dtype == np.float32
@@ -94,7 +112,7 @@ def test_missing_groups_give_nan_and_definitions_hold():
     attention[..., 0] = 1.0
     special = np.array([True, False, False, False, False, False])
     stats = head_statistics(attention, 3, special)
-    assert all(stats[key][0, 0] == 0 for key in STATISTICS if key != "to_special")
+    assert all(stats[key][0, 0] == 0 for key in STATISTICS if key not in ("to_special", "distance"))
     assert stats["to_special"][0, 0] == 1  # ... and the special-token statistic says where it went
 
 

@@ -63,7 +63,7 @@ def test_round_trip(tmp_path):
             stored = rec.hidden_states.astype(np.float16).astype(np.float32)  # maps come from what is stored
             np.testing.assert_array_equal(db.tsne(raw["ex_id"], layer), fake_tsne_maps(stored)[layer])
         stats = db.head_statistics(raw["ex_id"])
-        want = head_statistics(rec.attention, rec.txt_len, rec.special)
+        want = head_statistics(rec.attention, rec.txt_len, rec.special, rec.coords, rec.image.shape[:2], rec.grid)
         assert list(stats) == db.statistic_names()
         for key in STATISTICS:
             np.testing.assert_allclose(stats[key], want[key], rtol=1e-6, equal_nan=True)

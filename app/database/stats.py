@@ -21,6 +21,14 @@ everywhere (which is what one wants to see).
 * ``to_special``: the mean over all non-special queries of the mass they give to special tokens,
   i.e. what the other statistics leave out (``[CLS]``/``[SEP]`` often take most of a head's mass).
 
+Two statistics describe a head's shape rather than where its mass goes (app/database/analysis.py):
+
+* ``entropy``: the mean over non-special queries of the Shannon entropy (nats) of their attention
+  rows: low for heads that focus on a token or two, high (up to log n) for heads that spread out.
+* ``distance``: the mean attention distance in pixels of the stored image (Dosovitskiy et al.;
+  Raghu et al.): for image queries, the attention-weighted distance between patch centres over the
+  image keys (weights renormalised over them), averaged over the image queries.
+
 A statistic whose query or key group is empty (a text-only or image-only example, or one whose
 tokens are all special) is NaN; ``cross_modal`` needs both modalities.  The app shows NaN as "n/a".
 """
@@ -29,6 +37,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
+
+from app.database.analysis import attention_entropy, mean_attention_distance
 
 __all__ = ["STATISTICS", "head_statistics"]
 
@@ -54,6 +64,13 @@ STATISTICS: "OrderedDict[str, tuple[str, str]]" = OrderedDict([
     ("to_special", ("to special tokens",
                     "mean over all text and image queries of the attention mass given to special tokens "
                     "([CLS], [SEP], …): the mass every other statistic leaves out")),
+    ("entropy", ("attention entropy",
+                 "mean over text and image queries of the entropy (nats) of their attention: low = "
+                 "focused on a few tokens, high (up to ln n) = spread out")),
+    ("distance", ("mean attention distance (pixels)",
+                  "for image queries, the attention-weighted distance in pixels between patch centres, "
+                  "over image keys (weights renormalised over them), averaged over the image queries "
+                  "(Dosovitskiy et al. 2021)")),
 ])
 
 
@@ -65,12 +82,15 @@ def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (values[..., mask].sum(axis=-1, dtype=np.float64) / count).astype(np.float32)
 
 
-def head_statistics(attention: np.ndarray, txt_len: int, special: np.ndarray) -> dict[str, np.ndarray]:
+def head_statistics(attention: np.ndarray, txt_len: int, special: np.ndarray, coords=None,
+                    image_size=None, grid=None) -> dict[str, np.ndarray]:
     """Every statistic of :data:`STATISTICS` for all layers and heads.
 
     attention: (n_layers, n_heads, n_tokens, n_tokens), rows are queries, columns keys.
     txt_len: the number of text tokens (text first, then image tokens).
     special: (n_tokens,) bool, true for special tokens (excluded from queries and keys).
+    coords, image_size, grid: per token (x, y) or None, the stored image's (H, W) and the patch grid
+    (rows, cols), for the mean attention distance (NaN without them).
     Returns {key: float32 (n_layers, n_heads)}, in the order of :data:`STATISTICS`.
     """
     attention = np.asarray(attention, dtype=np.float32)
@@ -107,4 +127,7 @@ def head_statistics(attention: np.ndarray, txt_len: int, special: np.ndarray) ->
         ("cross_modal", needs(both, (txt2img + img2txt) / 2)),
         ("intra_modal", intra.astype(np.float32)),
         ("to_special", _masked_mean(to_special, text | image)),
+        ("entropy", attention_entropy(attention, special) if (text | image).any() else nan),
+        ("distance", mean_attention_distance(attention, coords, image_size, grid) if coords is not None
+         and grid is not None else nan),
     ])

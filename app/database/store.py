@@ -946,7 +946,7 @@ class VliLmdb:
         ex_id, n = normal.ex_id, normal.n_tokens
         t = time.perf_counter()
         statistics = _as_record_error(ex_id, "attention", lambda: head_statistics(
-            normal.attention, normal.txt_len, normal.special))
+            normal.attention, normal.txt_len, normal.special, normal.coords, normal.image.shape[:2], normal.grid))
         values = list(statistics.values()) + [normal.custom_metrics[m] for m in normal.custom_metrics]
         stats_blob = np.stack(values).astype("<f4").tobytes()
         seconds["statistics"] = time.perf_counter() - t

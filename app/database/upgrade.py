@@ -134,7 +134,10 @@ def _upgrade_example(txn, dbs, ex_id: int, n_layers: int, n_heads: int, projecti
     attention = np.stack(attention16).reshape(n_layers, n_heads, n, n).astype(np.float32) \
         * np.float32(2.0 ** -info["attention_exp"])
     old_stats = np.frombuffer(bytes(txn.get(ekey, db=dbs["stats"])), "<f4").reshape(-1, n_layers, n_heads)
-    stats = list(head_statistics(attention, info["txt_len"], special).values()) + list(old_stats[V1_STATISTICS:])
+    coords = [None if c is None else tuple(c) for c in info["coords"]]
+    grid = None if info["grid"] is None else tuple(info["grid"])
+    stats = list(head_statistics(attention, info["txt_len"], special, coords, tuple(info["image_size"]),
+                                 grid).values()) + list(old_stats[V1_STATISTICS:])
     hidden = _hidden(txn, dbs, ex_id, info)
     for name, key, value in (("info", ekey, json.dumps(info).encode()), ("ids", ekey, b""),
                              ("stats", ekey, np.stack(stats).astype("<f4").tobytes()),
