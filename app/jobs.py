@@ -24,12 +24,14 @@ import logging
 import os
 import threading
 import time
+import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from app.database.models.vl_model import run_data_setup
 
-log = logging.getLogger(__name__)
+MESSAGE_CHARS = 300  # longest message shown in the page or written in one log line
+LOG_LINES = 60  # longest traceback kept in a log record (its first and last lines)
 
 QUEUED = "queued"
 RUNNING = "running the model…"
@@ -39,9 +41,48 @@ ERROR = "error"
 FINISHED = (DONE, ERROR)
 
 
+def shorten(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with "…": a message may quote what a user typed or
+    sent (megabytes), and the page and the logs must stay readable."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    text = " ".join(str(error)[: 4 * MESSAGE_CHARS].split())
+    return shorten(f"{type(error).__name__}: {text}" if text else type(error).__name__)
+
+
+class BoundedLogRecords(logging.Filter):
+    """Bounds every line of a log record, its traceback included (each line to
+    :data:`MESSAGE_CHARS`, at most :data:`LOG_LINES` lines): Flask's error handler logs the
+    exception of a failing request, whose message may hold the whole request body."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call: logging reports it when it formats
+            return True
+        record.msg, record.args = _bounded_lines(message), ()
+        if record.exc_info:
+            record.exc_text = _bounded_lines("".join(traceback.format_exception(*record.exc_info)))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = _bounded_lines(record.exc_text)
+        return True
+
+
+def _bounded_lines(text: str) -> str:
+    lines = text.rstrip("\n").split("\n")
+    if len(lines) > LOG_LINES:
+        half = LOG_LINES // 2
+        lines = [*lines[:half], f"… ({len(lines) - 2 * half} lines left out)", *lines[-half:]]
+    return "\n".join(shorten(line) for line in lines)
+
+
+BOUNDED_LOG_RECORDS = BoundedLogRecords()  # one instance: adding it to a logger twice is a no-op
+log = logging.getLogger(__name__)
+log.addFilter(BOUNDED_LOG_RECORDS)
 
 
 class JobRunner:
@@ -79,11 +120,11 @@ class JobRunner:
     def status(self, job_id: str) -> dict:
         """``{"state", "message", "ex_id"}``; an unknown id is an "error" state."""
         with self._lock:
-            job = self._jobs.get(job_id)
+            job = self._jobs.get(job_id) if isinstance(job_id, str) else None  # the page sends it
             if job is None:
                 return {"state": ERROR, "ex_id": None, "message": (
-                    f"unknown job {job_id!r}: it was started by another server process (with a live "
-                    "model, run one process: gunicorn -w 1 --threads 8) or forgotten")}
+                    f"unknown job {shorten(repr(job_id), 60)}: it was started by another server process "
+                    "(with a live model, run one process: gunicorn -w 1 --threads 8) or forgotten")}
             return {"state": job["state"], "message": job["message"], "ex_id": job["ex_id"]}
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict:
@@ -115,8 +156,9 @@ class JobRunner:
             stored = self.db.add_record(record)
             self._set(job_id, DONE, f"example {stored} added", stored)
         except Exception as error:  # noqa: BLE001 - every failure is reported to the page
-            log.warning("add example failed: %s", error, exc_info=True)
-            self._set(job_id, ERROR, _one_line(error), None)
+            message = _one_line(error)
+            log.warning("add example %s failed: %s", job_id, message, exc_info=True)
+            self._set(job_id, ERROR, message, None)
         finally:
             if delete_image:
                 try:

@@ -9,22 +9,33 @@ for WSGI servers; gunicorn calls it as an application factory::
 
 (each worker opens the database after the fork). With a live model use one worker: "Add example"
 jobs live in the memory of the process that runs them, and the page polls that process for them.
+(How many workers gunicorn runs is not visible from inside a worker, so this is not checked.)
+
+``run_app.py`` (:func:`main`) binds the port before loading the model, so that a busy port is
+reported at once, and says it runs only once it listens. A live model whose layers, heads or hidden
+size differ from the database's (:meth:`VL_Model.dimensions`) is refused at start-up.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
+import socket
 import sys
 import time
 from typing import Optional, Sequence
 
 import dash
 from dash._utils import to_json
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from app import page
 from app.context import AppContext
 from app.database.database import DatabaseError, VliLmdb
-from app.panels import example, heads, hidden, tokens
+from app.jobs import BOUNDED_LOG_RECORDS
+from app.panels import add_example, example, heads, hidden, tokens
+from app.panels.add_example import MAX_BYTES, MAX_REQUEST_BYTES, format_size
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -69,11 +80,10 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
         db.close()
         db = open_database(path, writable=True)
     ctx = AppContext(db=db, model=model, allow_paths=allow_paths)
-    add_panel = None
-    if model is not None:
-        from app.panels import add_example as add_panel  # C2's panel (needs the model)
+    add_panel = add_example if model is not None else None
     app = _VliDash(db, name=__name__, title=page.TITLE, assets_folder=ASSETS, update_title=None,
                    suppress_callback_exceptions=False)
+    _limit_requests(app)
     # Dash sends its validation layout (every component id, for checking callbacks) inside every
     # index page; by default that is a first build of the layout, figures and image included
     # (~400 kB for a large example), so give it the same components without an example drawn.
@@ -86,6 +96,23 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
     app.vli_context = ctx  # for tests and benchmarks
     _warm_up()
     return app
+
+
+def _limit_requests(app: dash.Dash) -> None:
+    """Refuse request bodies over MAX_REQUEST_BYTES before reading them (an upload arrives
+    base64-encoded in a JSON body: one of 200 MB took 1.26 GB of memory before the image check),
+    and bound every log line: Flask logs a failing request's exception, whose message may quote
+    the whole body."""
+    server = app.server
+    server.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+
+    @server.errorhandler(RequestEntityTooLarge)
+    def _too_large(_error):
+        return (f"Request too large: the limit is {format_size(MAX_REQUEST_BYTES)} "
+                f"(images up to {format_size(MAX_BYTES)}).\n", 413, {"Content-Type": "text/plain; charset=utf-8"})
+
+    for logger in (server.logger, app.logger, logging.getLogger("werkzeug")):
+        logger.addFilter(BOUNDED_LOG_RECORDS)
 
 
 def _warm_up() -> None:
@@ -103,12 +130,29 @@ def _load_model(name: str, params: Sequence[str]):
     return load_model(name, list(params))
 
 
+def model_mismatch(db: VliLmdb, model) -> Optional[str]:
+    """Why ``model`` cannot add examples to ``db`` (one line), or None: its layers, heads or hidden
+    size differ from the database's. Unknown on either side (``dimensions()`` None, no example yet)
+    is left to the first add, whose record is validated."""
+    dims = model.dimensions()
+    ours = (db.n_layers, db.n_heads, db.hidden_size)
+    if dims is None or None in ours or tuple(int(d) for d in dims) == tuple(ours):
+        return None
+    return (f"model {type(model).__name__} has {dims[0]} layers x {dims[1]} heads, hidden size {dims[2]}, "
+            f"but the database {db.path} has {ours[0]} layers x {ours[1]} heads, hidden size {ours[2]}: "
+            "load the model the database was made with")
+
+
 def serve(db: str = "example_database1", model: Optional[str] = None, params: Sequence[str] = (),
           allow_paths: bool = False):
     """WSGI application factory (the Flask server), e.g. for gunicorn; see the module docstring."""
     loaded = _load_model(model, params) if model else None
-    return create_app(open_database(db, writable=loaded is not None), model=loaded,
-                      allow_paths=allow_paths).server
+    database = open_database(db)  # create_app reopens it for writing with a model
+    mismatch = model_mismatch(database, loaded) if loaded is not None else None
+    if mismatch:
+        database.close()
+        raise SystemExit(f"error: {mismatch}")
+    return create_app(database, model=loaded, allow_paths=allow_paths).server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,14 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
         "vision-language transformer, stored in a preprocessed database.")
     p.add_argument("-d", "--database", required=True, metavar="DB",
                    help="database directory (made by db_example.py or the extractor, then preprocessed)")
-    p.add_argument("-p", "--port", type=int, default=6006, help="port (default 6006)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("-p", "--port", default="6006", help="port (default 6006; 0: any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1; 0.0.0.0 opens it to the network)")
     p.add_argument("-m", "--model", nargs="+", metavar=("NAME", "PARAM"),
                    help="live model for “Add example”: a module of app/database/models and its "
                         "parameters, e.g. -m vilt shapes_vqa/vilt-shapes")
     p.add_argument("--allow-paths", action="store_true",
                    help="let the page name files on this server or URLs as images for new examples")
-    p.add_argument("--debug", action="store_true", help="Dash debug mode (dev tools, reloading off)")
+    p.add_argument("--debug", action="store_true",
+                   help="Dash debug mode (dev tools, Werkzeug's debugger, reloading off); loopback hosts only")
     return p
 
 
@@ -133,8 +179,67 @@ def _fail(message: str) -> int:
     return 2
 
 
+def parse_port(text: str) -> Optional[int]:
+    """The port number, 0 (any free port) to 65535, or None."""
+    try:
+        port = int(text)
+    except ValueError:
+        return None
+    return port if 0 <= port <= 65535 else None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the app on this machine: every address it stands for is
+    a loopback one (127.x, ::1, "localhost"); "", "0.0.0.0" and "::" mean every interface."""
+    try:
+        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def network_warning(host: str, with_model: bool) -> str:
+    """The one-line warning printed when the app listens beyond this machine."""
+    what = "open the app and add examples with the loaded model" if with_model else "open the app"
+    return f"warning: listening on {host or 'every interface'}: anyone on your network can {what}"
+
+
+def app_url(host: str, port: int) -> str:
+    """The address to open: this machine's name when the host is every interface."""
+    if host in ("", "0.0.0.0", "::"):
+        return f"http://{socket.gethostname()}:{port}/ (on this machine http://127.0.0.1:{port}/)"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound and listening on (host, port), the address family chosen as Werkzeug does."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _serve_forever(server) -> None:
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    port = parse_port(args.port)
+    if port is None:
+        return _fail(f"invalid port {args.port[:20]!r}: use a number from 1 to 65535 (0: any free port)")
+    local = is_loopback(args.host)
+    if args.debug and not local:
+        return _fail(f"--debug exposes Werkzeug's debugger, which runs any code it is sent: use it only "
+                     f"with a loopback --host such as 127.0.0.1, not {args.host or 'every interface'}")
     t0 = time.perf_counter()
     print(f"Opening database {args.database} ...", file=sys.stderr, flush=True)
     try:
@@ -145,6 +250,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(f"cannot open database {args.database}: {type(e).__name__}: {e}".splitlines()[0])
     print(f"  {len(db.example_ids())} examples, {db.n_layers} layers x {db.n_heads} heads "
           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    try:  # before the model loads (seconds): a busy port is said at once
+        listener = _listen(args.host, port)
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host or 'every interface'} port {port}: {e.strerror or e}")
+    try:
+        return _run(args, db, listener, local)
+    finally:
+        listener.close()
+
+
+def _run(args, db: VliLmdb, listener: socket.socket, local: bool) -> int:
+    """Load the model, build the app and serve it on ``listener`` (already bound)."""
+    from werkzeug.serving import make_server
+
     model = None
     if args.model:
         name, params = args.model[0], args.model[1:]
@@ -153,14 +272,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as e:  # ModelLoadError, or anything the model's constructor raised
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             return _fail(f"cannot load model {name}: {msg}" if type(e).__name__ != "ModelLoadError" else msg)
+        mismatch = model_mismatch(db, model)
+        if mismatch:
+            return _fail(mismatch)
         db.close()
         try:
             db = open_database(args.database, writable=True)
         except Exception as e:
             return _fail(f"cannot open {args.database} for writing (needed to add examples): {e}".splitlines()[0])
     app = create_app(db, model=model, allow_paths=args.allow_paths)
-    host_shown = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-    print(f"VL-InterpreT is running: open http://{host_shown}:{args.port}/ in your browser "
-          "(Ctrl-C to stop)", flush=True)
-    app.run(host=args.host, port=args.port, debug=args.debug)
+    wsgi = app.server
+    if app.enable_dev_tools(debug=args.debug, dev_tools_hot_reload=False):
+        from werkzeug.debug import DebuggedApplication
+
+        app.server.debug = True  # exceptions reach the debugger
+        wsgi = DebuggedApplication(app.server, evalex=True)
+    server = make_server(args.host, 0, wsgi, threaded=True, fd=listener.fileno())
+    try:
+        if not local:
+            print(network_warning(args.host, model is not None), file=sys.stderr, flush=True)
+        print(f"VL-InterpreT is running: open {app_url(args.host, server.port)} in your browser "
+              "(Ctrl-C to stop)", flush=True)
+        _serve_forever(server)
+    finally:
+        server.server_close()
+        if app.vli_context.jobs is not None:
+            app.vli_context.jobs.shutdown(wait=False)
     return 0

@@ -15,7 +15,8 @@ from app.database.database import VliLmdb
 from app.database.models import VL_Model, load_model
 from app.jobs import DONE, ERROR, PREPROCESSING, QUEUED, RUNNING, JobRunner
 from app.panels import add_example
-from app.panels.add_example import InputError, MAX_BYTES, check_image_bytes, decode_upload, start_job
+from app.panels.add_example import (MAX_BYTES, InputError, check_image_bytes, decode_upload, format_size,
+                                    help_text, start_job)
 from conftest import browser_available
 from helpers import fast_tsne  # noqa: F401 (autouse fixture: t-SNE is A's, tested there)
 from tiny_vilt import build_tiny_vilt
@@ -167,6 +168,12 @@ def test_check_image_bytes():
             check_image_bytes(data, "x.png")
 
 
+def upload(data: bytes, filename="cat.png") -> dict:
+    """The ADD_IMAGE store as the browser's CHECK_UPLOAD_JS fills it for a file within the limit."""
+    contents = "data:image/png;base64," + base64.b64encode(data).decode()
+    return {"filename": filename, "size": len(data), "contents": contents}
+
+
 def test_start_job_checks(tmp_path):
     class Jobs:
         def __init__(self):
@@ -177,30 +184,54 @@ def test_start_job_checks(tmp_path):
             return "job-1"
 
     jobs = Jobs()
-    upload = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    assert start_job(jobs, False, upload, "cat.png", "  what ? ", "  ") == "job-1"
+    image = upload(png_bytes())
+    assert start_job(jobs, False, image, "  what ? ", "  ") == "job-1"
     path, text, label, delete, data = jobs.calls[0]
     assert (text, label, delete, data) == ("what ?", None, True, png_bytes()) and path.endswith(".png")
     os.unlink(path)
     on_disk = tmp_path / "server.jpg"
     on_disk.write_bytes(png_bytes(fmt="JPEG"))
     for args, message in [
-        ((upload, "a.png", "", None), "type a question"),
-        ((None, None, "q", None), "drop or choose an image"),
-        (("data:image/png;base64,@@@", "a.png", "q", None), "a.png could not be read"),
-        ((None, None, "q", None, str(on_disk)), "paths and URLs are not accepted"),
+        ((image, "", None), "type a question"),
+        ((None, "q", None), "drop or choose an image"),
+        (({"filename": "a.png", "size": 3, "contents": "data:image/png;base64,@@@"}, "q", None),
+         "a.png could not be read"),
+        (({"filename": "big.png", "size": MAX_BYTES + 1, "contents": None}, "q", None),
+         "big.png is 10 MB; the limit is 10 MB"),
+        (("not a store", "q", None), "the upload could not be read"),
+        ((image, ["not", "text"], None), "the text could not be read"),
+        ((None, "q", None, str(on_disk)), "paths and URLs are not accepted"),
     ]:
         with pytest.raises(InputError, match=message):
             start_job(jobs, False, *args)
-    assert start_job(jobs, True, None, None, "q", "red", str(on_disk)) == "job-1"
+    assert start_job(jobs, True, None, "q", "red", str(on_disk)) == "job-1"
     assert jobs.calls[-1][2] == "red" and jobs.calls[-1][0].endswith(".jpg")
     os.unlink(jobs.calls[-1][0])
     for location, message in [("file:///etc/passwd", "only local paths and http"),
                               (str(tmp_path / "none.png"), "no such file")]:
         with pytest.raises(InputError, match=message):
-            start_job(jobs, True, None, None, "q", None, location)
+            start_job(jobs, True, None, "q", None, location)
     with pytest.raises(InputError):
         decode_upload("no comma here", None)
+
+
+def test_sizes_are_shown_in_a_readable_unit():
+    cases = {0: "0 bytes", 1: "1 byte", 450: "450 bytes", 1023: "1023 bytes", 1024: "1 KB", 1536: "1.5 KB",
+             300 * 1024: "300 KB", 2**20: "1 MB", MAX_BYTES: "10 MB", 30 * 2**20 + 2**19: "30.5 MB"}
+    assert {n: format_size(n) for n in cases} == cases
+
+
+def test_help_says_what_images_the_model_expects(vilt):
+    class Hinted(VL_Model):
+        def data_setup(self, ex_id, image_location, input_text):
+            return {}
+
+        def input_hint(self):
+            return "scenes like those in shapes_vqa/heldout/ (96×96)"
+
+    assert help_text(vilt).endswith("PNG or JPEG, up to 10 MB.")  # the tiny ViLT says nothing
+    assert help_text(Hinted()).endswith("up to 10 MB. This model expects scenes like those in "
+                                        "shapes_vqa/heldout/ (96×96).")
 
 
 def component_ids(component):
@@ -240,9 +271,11 @@ def wait_for_overlay(dash_duo, expected, timeout=15):
 
 
 @pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver")
-def test_add_example_in_the_browser(dash_duo, db, vilt, tmp_path, request):
+def test_add_example_in_the_browser(dash_duo, db, vilt, tmp_path, request, monkeypatch):
     from app.server import create_app
 
+    limit = 64 * 1024  # a file over the limit, small enough to upload quickly
+    monkeypatch.setattr(add_example, "MAX_BYTES", limit)
     app = create_app(db, model=vilt)
     request.addfinalizer(app.vli_context.jobs.shutdown)
     dash_duo.start_server(app)
@@ -272,6 +305,9 @@ def test_add_example_in_the_browser(dash_duo, db, vilt, tmp_path, request):
     dash_duo.wait_for_contains_text("#" + ids.EXAMPLE_SELECT, "Example 1", timeout=10)
     dash_duo.wait_for_contains_text("#" + ids.PREDICTION, "label: red", timeout=10)
     assert not dash_duo.find_element("#" + ids.ADD_SUBMIT).get_attribute("disabled")
+    dash_duo.wait_for_text_to_equal("#" + ids.EXAMPLE_COUNT, "2 examples · 2 layers × 4 heads", timeout=10)
+    assert dash_duo.find_element("#" + ids.ADD_LABEL).get_attribute("value") == ""  # the question stays
+    assert dash_duo.find_element("#" + ids.ADD_TEXT).get_attribute("value") == QUESTION
 
     # Its attention overlay: click the text token "circle" (index 5) and read the heatmap.
     token = f'[id=\'{{"index":5,"type":"{ids.TOKEN}"}}\']'
@@ -282,6 +318,18 @@ def test_add_example_in_the_browser(dash_duo, db, vilt, tmp_path, request):
     z = wait_for_overlay(dash_duo, expected)
     assert z is not None and z.shape == info.grid == (4, 6)
     np.testing.assert_allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6)
+
+    # A file over the limit: named with its size, and the image chosen before is never used instead.
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(size=(200, 150), seed=5))
+    size = big.stat().st_size
+    assert size > limit
+    dash_duo.find_element(f"#{ids.ADD_UPLOAD} input[type=file]").send_keys(str(big))
+    message = f"big.png is {format_size(size)}; the limit is 64 KB"
+    dash_duo.wait_for_contains_text("#" + ids.ADD_FILE_INFO, message, timeout=10)
+    dash_duo.find_element("#" + ids.ADD_SUBMIT).click()
+    dash_duo.wait_for_contains_text("#" + ids.ADD_STATUS, message, timeout=10)
+    assert db.example_ids() == [0, 1]
     assert dash_duo.get_logs() == []
 
 

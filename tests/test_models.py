@@ -360,3 +360,98 @@ def test_the_custom_model_in_docs_works(user_models, image_path, tmp_path):
         assert db.add_record(record) == 0 and db.example(0).grid == (2, 2)
     finally:
         db.close()
+
+
+# --------------------------------------------------------------------------------------------- item 9, 14, 21, 24
+def test_load_model_says_which_parameters_the_class_takes(user_models):
+    user_models("two_args", """
+        from app.database.models.vl_model import VL_Model
+        class Two_Args(VL_Model):
+            def __init__(self, path, n_layers=2, *extra):
+                pass
+            def data_setup(self, ex_id, image_location, input_text):
+                return {}
+    """)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("vilt", [], progress=False)
+    assert str(info.value) == "Vilt needs CHECKPOINT [DEVICE]: -m vilt CHECKPOINT [DEVICE]"
+    with pytest.raises(ModelLoadError, match=r"^Vilt needs CHECKPOINT \[DEVICE\]"):
+        load_model("vilt", ["a", "cpu", "extra"], progress=False)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("two_args", [], progress=False)
+    assert str(info.value) == "Two_Args needs PATH [N_LAYERS] [EXTRA ...]: -m two_args PATH [N_LAYERS] [EXTRA ...]"
+
+
+def test_dimensions_and_input_hint(vqa, vqa_dir, image_path, tmp_path, user_models):
+    record = vqa.data_setup(0, image_path, QUESTION)
+    n_layers, n_heads = record["attention"].shape[:2]
+    assert vqa.dimensions() == (n_layers, n_heads, record["hidden_states"].shape[2]) == (2, 4, 32)
+    assert vqa.input_hint() is None
+    import json
+    import shutil
+
+    hinted = tmp_path / "hinted"
+    shutil.copytree(vqa_dir, hinted)
+    config = json.loads((hinted / "config.json").read_text())
+    config["vl_interpret_hint"] = "  scenes like those in data/val/\n(64×96)  "
+    (hinted / "config.json").write_text(json.dumps(config))
+    assert load_model("vilt", [str(hinted)], progress=False).input_hint() == "scenes like those in data/val/ (64×96)"
+    user_models("my_model", USER_MODEL)
+    user = load_model("my_model", ["3"], progress=False)
+    assert user.dimensions() is None and user.input_hint() is None  # VL_Model's defaults: unknown
+
+
+def test_vilt_grid_is_the_whole_grid_when_patches_are_sampled(tmp_path, image_path):
+    """With max_image_length, the sampled patches may miss the last row or column: the grid is
+    still the image's 4 x 6 (64 x 96 px in 16-px patches), not guessed from the largest coordinate."""
+    model = load_model("vilt", [build_tiny_vilt(tmp_path / "m", max_image_length=3)], progress=False)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        record = model.data_setup(0, image_path, QUESTION)
+        coords = record["img_coords"][1:]
+        if max(x for x, _ in coords) < 5 or max(y for _, y in coords) < 3:
+            break
+    else:
+        pytest.fail("no sample of 3 patches missed the last row or column")
+    assert record["grid"] == (64 // PATCH, 96 // PATCH) == (4, 6)
+    db = VliLmdb(tmp_path / "db", read_only=False)
+    try:
+        db.add_record(record)
+        assert db.example(0).grid == (4, 6)
+    finally:
+        db.close()
+
+
+def test_vilt_stores_the_text_the_model_saw_and_says_what_was_cut(vqa, image_path, tmp_path):
+    record = vqa.data_setup(0, image_path, " ".join(["red circle"] * 40))  # 80 words; 40 tokens kept
+    assert record["txt_len"] == 40
+    kept = record["tokens"][1:39]  # between [CLS] and [SEP]
+    assert kept == ["red", "circle"] * 19 and record["text"] == " ".join(["red circle"] * 19)
+    (note,) = record["notes"]
+    assert note.startswith("the text was cut to the model's 40 tokens: 'red circle red circle")
+    assert note.endswith("…' was left out") and len(note) < 300  # 21 x "red circle" left out, quoted in part
+    assert "notes" not in vqa.data_setup(0, image_path, QUESTION)
+    db = VliLmdb(tmp_path / "db", read_only=False)
+    try:
+        db.add_record(record)
+        assert db.example(0).text == record["text"] and list(db.example(0).notes) == [note]
+    finally:
+        db.close()
+
+
+def test_vilt_never_stores_padding(vqa, image_path, monkeypatch):
+    """A processor that pads (a checkpoint's settings) gives the same record as one that does not."""
+    plain = vqa.data_setup(0, image_path, QUESTION)
+
+    class Padding:
+        def __init__(self, inner):
+            self.inner, self.tokenizer, self.image_processor = inner, inner.tokenizer, inner.image_processor
+
+        def __call__(self, **kwargs):
+            return self.inner(**{**kwargs, "padding": "max_length"})
+
+    monkeypatch.setattr(vqa, "processor", Padding(vqa.processor))
+    padded = vqa.data_setup(0, image_path, QUESTION)
+    assert "[PAD]" not in padded["tokens"] and padded["tokens"] == plain["tokens"]
+    assert padded["txt_len"] == len(QUESTION.split()) + 2
+    np.testing.assert_allclose(padded["attention"], plain["attention"], atol=1e-5)

@@ -7,6 +7,7 @@ positional strings. ``run_app.py -m NAME PARAM ...`` and ``python -m app.databas
 PARAM ...`` both go through here.
 """
 import importlib
+import inspect
 import pkgutil
 import re
 import sys
@@ -70,6 +71,12 @@ def load_model(name: str, params=(), progress: bool = True) -> VL_Model:
             f"{class_name} in app/database/models/{module_name}.py is not a subclass of "
             "app.database.models.vl_model.VL_Model"
         )
+    usage = _usage(cls)
+    if usage is not None:
+        try:
+            inspect.signature(cls).bind(*params)
+        except TypeError:
+            raise ModelLoadError(f"{class_name} needs {usage or 'no parameters'}: -m {name} {usage}".rstrip()) from None
     try:
         model = cls(*params)
     except Exception as e:
@@ -78,3 +85,19 @@ def load_model(name: str, params=(), progress: bool = True) -> VL_Model:
     if progress:
         print(f"Loaded model {class_name} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model
+
+
+def _usage(cls):
+    """The parameters ``cls`` takes on the command line, e.g. "CHECKPOINT [DEVICE]" ("" for none),
+    or None when its signature cannot be read (then the constructor's own error is shown)."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    words = []
+    for p in parameters:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            words.append(f"[{p.name.upper()} ...]")
+        elif p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            words.append(p.name.upper() if p.default is inspect.Parameter.empty else f"[{p.name.upper()}]")
+    return " ".join(words)

@@ -13,8 +13,14 @@ chosen from the checkpoint's ``config.architectures``:
 ``ViltModel``                           no prediction
 ======================================  ===========================================================
 
-Token order in a record: the text tokens of the processor's tokenizer (``[CLS] ... [SEP]``), then
-ViLT's image ``[CLS]`` (coordinate ``None``), then the image patches in row-major order.
+Token order in a record: the text tokens of the processor's tokenizer (``[CLS] ... [SEP]``, never
+padding), then ViLT's image ``[CLS]`` (coordinate ``None``), then the image patches in row-major order.
+A text longer than the model's ``max_position_embeddings`` tokens is cut: the record's ``text`` is what
+the model kept, and a ``notes`` entry says what was left out. The record's ``grid`` is the image's whole
+patch grid, also when ``max_image_length`` samples fewer patches than it holds.
+
+An optional ``"vl_interpret_hint"`` string in the checkpoint's ``config.json`` says what images the
+model expects (:meth:`Vilt.input_hint`, shown in the "Add example" help).
 
 ViLT's ``ViltEmbeddings.visual_embed`` shuffles the patches (``torch.multinomial`` over the valid
 patches, and samples a subset when ``config.max_image_length`` is positive) and returns the
@@ -47,6 +53,8 @@ HEADS = {
     "ViltModel": ViltModel,
 }
 IMAGE_CLS = "[CLS]"
+HINT_KEY = "vl_interpret_hint"  # optional config.json key: what images the checkpoint expects
+CUT_TEXT_CHARS = 200  # how much of a cut text the note quotes
 
 
 def _checkpoint_location(model: str) -> str:
@@ -64,12 +72,12 @@ def _checkpoint_location(model: str) -> str:
 class Vilt(VL_Model):
     """A ViLT checkpoint, run on one (image, text) pair at a time.
 
-    ``model``: a Hub id or a local directory with the model and its processor.
+    ``checkpoint``: a Hub id or a local directory with the model and its processor.
     ``device``: a torch device string (``cpu``, ``cuda``, ``cuda:1``).
     """
 
-    def __init__(self, model: str, device: str = "cpu"):
-        model = _checkpoint_location(model)
+    def __init__(self, checkpoint: str, device: str = "cpu"):
+        model = _checkpoint_location(checkpoint)
         config = AutoConfig.from_pretrained(model)
         if config.model_type != "vilt":
             raise ValueError(f"{model} is a {config.model_type!r} checkpoint, not a ViLT one")
@@ -87,6 +95,14 @@ class Vilt(VL_Model):
         self.vilt = net if isinstance(net, ViltModel) else net.vilt
         self._lock = threading.Lock()  # one forward pass at a time (data_setup may run in threads)
 
+    def dimensions(self) -> tuple[int, int, int]:
+        return (int(self.config.num_hidden_layers), int(self.config.num_attention_heads),
+                int(self.config.hidden_size))
+
+    def input_hint(self):
+        hint = getattr(self.config, HINT_KEY, None)
+        return " ".join(hint.split()) if isinstance(hint, str) and hint.strip() else None
+
     # ------------------------------------------------------------------------------------------
     def data_setup(self, ex_id: int, image_location: str, input_text: str, label=None) -> dict:
         """Run ViLT on the image file and the text; return one record (see the module docstring).
@@ -96,13 +112,20 @@ class Vilt(VL_Model):
         equals it (case and surrounding whitespace ignored).
         """
         image = self.load_image(image_location)
+        max_length = int(self.config.max_position_embeddings)
         inputs = self.processor(
             images=image,
             text=input_text,
             return_tensors="pt",
+            padding=False,
             truncation=True,
-            max_length=self.config.max_position_embeddings,
+            max_length=max_length,
         )
+        # a processor configured to pad anyway: keep only the real tokens, never store [PAD]
+        real = inputs["attention_mask"][0].bool()
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if key in inputs:
+                inputs[key] = inputs[key][:, real]
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         input_ids = inputs["input_ids"]
         with self._lock, torch.no_grad():
@@ -143,16 +166,20 @@ class Vilt(VL_Model):
 
         coords = [(int(rc[i, 1]), int(rc[i, 0])) for i in order]  # (x, y) = (col, row)
         patch_tokens = [f"IMG_{x},{y}" for x, y in coords]
+        seen_text, notes = self._seen_text(input_text, txt_len, max_length)
         record = {
             "ex_id": int(ex_id),
             "image": self._seen_image(inputs, int(rows), int(cols)),
             "tokens": list(text_tokens) + [IMAGE_CLS] + patch_tokens,
             "txt_len": txt_len,
             "img_coords": [None] + coords,
+            "grid": (int(rows), int(cols)),  # the whole grid, also when patches were sampled
             "attention": np.ascontiguousarray(attention, dtype=np.float32),
             "hidden_states": np.ascontiguousarray(hidden, dtype=np.float32),
-            "text": input_text,
+            "text": seen_text,
         }
+        if notes:
+            record["notes"] = notes
         prediction = self._prediction(out, input_ids[0])
         if prediction is not None:
             prediction["label"] = None if label is None else str(label)
@@ -162,6 +189,24 @@ class Vilt(VL_Model):
         return record
 
     # ------------------------------------------------------------------------------------------
+    def _seen_text(self, input_text: str, txt_len: int, max_length: int) -> tuple[str, list[str]]:
+        """The text the model saw (``input_text`` itself unless the tokenizer cut it) and a note
+        saying what was left out, so that the page never shows words the model did not read."""
+        tokenizer = self.processor.tokenizer
+        content = tokenizer(input_text, add_special_tokens=False)["input_ids"]
+        kept = txt_len - tokenizer.num_special_tokens_to_add(pair=False)
+        if len(content) <= kept:
+            return input_text, []
+        if getattr(tokenizer, "truncation_side", "right") == "left":
+            seen, cut = content[len(content) - kept:], content[: len(content) - kept]
+        else:
+            seen, cut = content[:kept], content[kept:]
+        left_out = tokenizer.decode(cut)
+        if len(left_out) > CUT_TEXT_CHARS:
+            left_out = left_out[: CUT_TEXT_CHARS - 1] + "…"
+        note = f"the text was cut to the model's {max_length} tokens: '{left_out}' was left out"
+        return tokenizer.decode(seen), [note]
+
     def _seen_image(self, inputs, rows: int, cols: int) -> np.ndarray:
         """The processor's output, de-normalised to 0-255 RGB and cut to the patch grid."""
         ip = self.processor.image_processor

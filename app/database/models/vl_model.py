@@ -21,6 +21,7 @@ Writing your own model (see docs/models.md)::
 """
 import abc
 import inspect
+from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -65,6 +66,19 @@ class VL_Model(abc.ABC):  # noqa: N801 - the name users' existing classes subcla
         (n_layers, n_heads, n, n), hidden_states (n_layers + 1, n, hidden)`` and may add
         ``accuracy``, ``prediction``, ``custom_metrics`` and ``text``.
         """
+
+    def dimensions(self) -> Optional[tuple[int, int, int]]:
+        """``(n_layers, n_heads, hidden_size)`` of the records this model writes, or None when unknown.
+
+        The app compares it with the database's at start-up, so that a model that cannot fit the
+        database is refused before anyone adds an example; None leaves the check to the first add.
+        """
+        return None
+
+    def input_hint(self) -> Optional[str]:
+        """What images the model expects, in a few words shown in the "Add example" help (e.g.
+        "scenes like those in data/val/ (96×96)"), or None when it does not say."""
+        return None
 
     @staticmethod
     def load_image(path) -> np.ndarray:
