@@ -66,3 +66,4 @@ ADD_IMAGE = "add-image"  # the upload as checked in the browser: {"filename", "s
 
 # Attention colour scale for the text tint (helper: page/panels), sent once with the page.
 ATT_SCALE = "att-scale"  # figures.ATTENTION_SCALE, read by vli.tint
+PAGE_ERROR = "page-error"  # the banner saying what failed in the current view (e.g. a damaged example)

@@ -5,7 +5,9 @@ from dash import html
 
 from app import ids
 from app.context import AppContext
+from app.database.database import CorruptValueError
 from app.panels import example, heads, hidden, tokens
+from app.panels.common import error_banner
 
 TITLE = "VL-InterpreT"
 
@@ -18,6 +20,14 @@ def page_layout(ctx: AppContext, add_panel, drawn: bool = True) -> html.Div:
     db = ctx.db
     ex_ids = db.example_ids()
     first = ex_ids[0] if ex_ids and drawn else None
+    try:
+        return _page(ctx, add_panel, ex_ids, first)
+    except CorruptValueError as error:  # a damaged first example: the page opens on none, and says so
+        return _page(ctx, add_panel, ex_ids, None, damaged=str(error))
+
+
+def _page(ctx: AppContext, add_panel, ex_ids: list, first, damaged: str = "") -> html.Div:
+    db = ctx.db
     header = html.Header([
         html.Div([html.H1(TITLE), html.Span(example_count_text(db, len(ex_ids)), id=ids.EXAMPLE_COUNT,
                                             className="muted")], className="brand"),
@@ -27,9 +37,4 @@ def page_layout(ctx: AppContext, add_panel, drawn: bool = True) -> html.Div:
     grid = html.Main([html.Div(left, className="col col-left"),
                       html.Div(tokens.layout(ctx, first), className="col col-mid"),
                       html.Div(hidden.layout(ctx, first), className="col col-right")], className="grid")
-    return html.Div([header, grid], className="app")
-
-
-def example_count_text(db, n_examples: int) -> str:
-    """The header's "30 examples · 4 layers × 4 heads" (also refreshed after an example is added)."""
-    return f"{n_examples} examples · {db.n_layers} layers × {db.n_heads} heads"
+    return html.Div([header, error_banner(damaged), grid], className="app")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dash import Patch, html, no_update
 from dash.exceptions import PreventUpdate
 
+from app import ids
+
 
 def panel(title, help_text, *children, class_name="", title_id=None):
     """A titled card with one line of help under the title."""
@@ -21,6 +23,16 @@ def head_label(head_sel: dict) -> str:
     layer = head_sel["layer"] + 1
     return f"layer {layer}, mean of heads" if head_sel.get("head") is None else \
         f"layer {layer}, head {head_sel['head'] + 1}"
+
+
+def error_banner(message: str = "") -> html.Div:
+    """Where a failure of the current view is said (e.g. a damaged example); hidden when empty."""
+    return html.Div(message, id=ids.PAGE_ERROR, className="page-error", role="alert",
+                    style=error_style(message))
+
+
+def error_style(message: str) -> dict:
+    return {} if message else {"display": "none"}
 
 
 def initial_figure(figure) -> dict:

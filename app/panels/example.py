@@ -5,7 +5,7 @@ from dash import Input, Output, State, ctx as dctx, html, dcc
 from dash.exceptions import PreventUpdate
 
 from app import ids
-from app.panels.common import example_info
+from app.panels.common import error_style, example_info
 
 
 def example_options(db) -> list[dict]:
@@ -66,7 +66,9 @@ def register_callbacks(app, ctx):
             return ex_ids[0]
         return ex_ids[(pos + step) % len(ex_ids)]
 
-    @app.callback(Output(ids.PREDICTION, "children"), Input(ids.EXAMPLE_SELECT, "value"),
-                  prevent_initial_call=True)
+    @app.callback(Output(ids.PREDICTION, "children"), Output(ids.PAGE_ERROR, "children"),
+                  Output(ids.PAGE_ERROR, "style"), Input(ids.EXAMPLE_SELECT, "value"), prevent_initial_call=True)
     def show_prediction(ex_id):
-        return prediction_children(example_info(db, ex_id))
+        """The prediction bar; also clears what the error banner said of the previous example (a
+        damaged example raises here, and the app's error handler fills the banner instead)."""
+        return prediction_children(example_info(db, ex_id)), "", error_style("")

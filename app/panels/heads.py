@@ -19,8 +19,11 @@ def statistic_options(db) -> list[dict]:
             for k in db.statistic_names()]
 
 
-def statistic_help(name: str) -> str:
-    return STATISTICS[name][1] if name in STATISTICS else CUSTOM_HELP
+def statistic_help(db, name: str) -> str:
+    """The definition shown under the menu: the built-in one, or the one given with the records."""
+    if name in STATISTICS:
+        return STATISTICS[name][1]
+    return db.metric_description(name) or CUSTOM_HELP
 
 
 def statistic_label(name: str) -> str:
@@ -37,7 +40,7 @@ def layout(ctx, ex_id):
     first = opts[0]["value"] if opts else None
     head = default_head(ctx.db)
     figure, help_text = summary_view(ctx.db, ex_id, first, False, head) if ex_id is not None and first \
-        else (None, statistic_help(first) if first else "")
+        else (None, statistic_help(ctx.db, first) if first else "")
     return panel(
         "Head summary", "One number per layer and head for this example; click a cell to show that "
         "head's attention (or a layer's “mean” cell for the mean over its heads).",
@@ -70,7 +73,7 @@ def summary_view(db, ex_id: int, stat: str, z: bool, head_sel) -> tuple:
         note = " (not recorded for this example)"
     fig = figures.head_summary_figure(values, statistic_label(stat), z_scored=z,
                                       selected=(head_sel["layer"], head_sel["head"]) if head_sel else None)
-    help_text = statistic_help(stat) + note
+    help_text = statistic_help(db, stat) + note
     if z:
         help_text += "; z-scored over all heads of this example"
     return fig, help_text
