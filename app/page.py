@@ -38,3 +38,8 @@ def _page(ctx: AppContext, add_panel, ex_ids: list, first, damaged: str = "") ->
                       html.Div(tokens.layout(ctx, first), className="col col-mid"),
                       html.Div(hidden.layout(ctx, first), className="col col-right")], className="grid")
     return html.Div([header, error_banner(damaged), grid], className="app")
+
+
+def example_count_text(db, n_examples: int) -> str:
+    """The header's "30 examples · 4 layers × 4 heads" (also refreshed after an example is added)."""
+    return f"{n_examples} examples · {db.n_layers} layers × {db.n_heads} heads"

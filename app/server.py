@@ -30,12 +30,13 @@ import dash
 from dash._utils import to_json
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app import page
+from app import ids, page
 from app.context import AppContext
-from app.database.database import DatabaseError, VliLmdb
-from app.jobs import BOUNDED_LOG_RECORDS
+from app.database.database import CorruptValueError, DatabaseError, VliLmdb
+from app.jobs import BOUNDED_LOG_RECORDS, shorten
 from app.panels import add_example, example, heads, hidden, tokens
 from app.panels.add_example import MAX_BYTES, MAX_REQUEST_BYTES, format_size
+from app.panels.common import error_style
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -82,7 +83,7 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
     ctx = AppContext(db=db, model=model, allow_paths=allow_paths)
     add_panel = add_example if model is not None else None
     app = _VliDash(db, name=__name__, title=page.TITLE, assets_folder=ASSETS, update_title=None,
-                   suppress_callback_exceptions=False)
+                   suppress_callback_exceptions=False, on_error=show_damaged_example)
     _limit_requests(app)
     # Dash sends its validation layout (every component id, for checking callbacks) inside every
     # index page; by default that is a first build of the layout, figures and image included
@@ -96,6 +97,17 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
     app.vli_context = ctx  # for tests and benchmarks
     _warm_up()
     return app
+
+
+def show_damaged_example(error: Exception) -> None:
+    """Dash's error handler for every callback: a damaged stored value (CorruptValueError, which names
+    the example and what is damaged) is said in the page's banner, and the rest keeps working; any
+    other error propagates as usual (logged, a 500 for that request)."""
+    if not isinstance(error, CorruptValueError):
+        raise error
+    dash.set_props(ids.PAGE_ERROR, {"children": f"{shorten(str(error))}: pick another example; restore the "
+                                                 f"database from a backup to recover this one.",
+                                    "style": error_style("shown")})
 
 
 def _limit_requests(app: dash.Dash) -> None:
