@@ -73,6 +73,9 @@ def build_model(processor: ViltProcessor, hidden: int = 64, layers: int = 4,
         # the attention so flat that the model trains for many hundred steps without looking at
         # the image at all
         initializer_range=hidden ** -0.5,
+        # what VL-InterpreT's "Add example" panel tells users to upload (ViLT adapter's input_hint)
+        vl_interpret_hint="scenes like those in shapes_vqa/heldout/ (96×96, one to four coloured shapes on "
+                          "a dark noisy background)",
     )
     config._attn_implementation = "eager"  # ViLT's attention is eager-only; attentions returnable
     model = ViltForQuestionAnswering(config)
