@@ -13,27 +13,45 @@ another process busy on one core):
 | openTSNE 1.0.4, FFT / Barnes-Hut, 2 jobs | 3.8 / 1.7 s/map   | -0.067 on a noise map             |
 | previous batched torch version, 600 it.  | 5.9 s, one core   | about as below                    |
 | this module, 400 iterations (100 early)  | 0.50 s one thread | clustered: mean +0.000, worst     |
-|                                          | 0.32 s two        | -0.004; Gaussian noise: mean      |
-|                                          | (600 pts: 2.4 s)  | -0.004, worst -0.030              |
+|                                          | 0.32 s two        | -0.003; Gaussian noise: mean      |
+|                                          | (600 pts: 2.4 s)  | +0.005, worst -0.014              |
 
-Iterations (clustered / noise, mean and worst difference to sklearn): 600: +0.000 -0.003 /
-+0.004 -0.048; 500: +0.000 -0.001 / -0.002 -0.043; 400: +0.000 -0.004 / -0.004 -0.030; 300:
-+0.000 -0.004 / -0.015 -0.032. 300 keeps within 0.02 on average but with little margin, so 400.
+Learning rate n / 48 (`_learning_rate`): scikit-learn's "auto" rule n / (4 x early exaggeration)
+(Belkina et al. 2019: the step should grow with n; the 4 is the gradient's factor, here as in
+sklearn) without its floor of 50, which sklearn applies to every map under 2400 points and offsets
+with 1000 iterations. At 400 iterations that floor was too large a step for small maps (mean and
+worst difference to sklearn over the maps, floor -> no floor): example_database2 (150 maps of about
+48 points) -0.042 -0.098 -> +0.004 -0.025; Gaussian noise, 13 x 150 points: -0.042 -0.075 -> -0.001
+-0.022; clustered, 13 x 30 / 50 / 100 points: -0.022 -0.075 / -0.018 -0.048 / -0.005 -0.038 ->
++0.003 -0.010 / +0.002 -0.004 / -0.000 -0.005; 250 and 600 points as good or better (noise, 250:
+-0.017 -0.038 -> +0.005 -0.014), in the same time. Below 20 points single maps still differ by up to
+0.1, as much as sklearn's own Barnes-Hut and exact results differ there. n / 24 and n / 12 were
+about as good; 1000 iterations gained nothing once the rate fits.
+
+Iterations, with the old learning rate 50 (clustered / noise, mean and worst difference to
+sklearn): 600: +0.000 -0.003 / +0.004 -0.048; 500: +0.000 -0.001 / -0.002 -0.043; 400: +0.000 -0.004
+/ -0.004 -0.030; 300: +0.000 -0.004 / -0.015 -0.032. 300 keeps within 0.02 on average but with little
+margin, so 400 (with n / 48, 300 iterations lose 0.01 on noise too).
 The exact O(n^2) gradient sums full rows (each pair twice) in float32: with no scattered writes
 LLVM vectorises it (8 pairs per AVX2 instruction), about 2x faster than using the symmetry with
 scalar code. Precisions come from a safeguarded Newton search (about 5 passes per point instead of
-~25 for bisection). The learning rate is sklearn's "auto" one (larger ones converged worse on noise).
-First call compiles the kernels (about 24 s), then they load from numba's cache (about 1 s).
+~25 for bisection).
 
-torch is not used; numba compiles the kernels on the first call (cached next to this module, or in
-numba's user cache directory where that is not writable).
+torch is not used. numba compiles the kernels on first use, 10-30 s, and caches them next to this
+module (or in NUMBA_CACHE_DIR, or numba's user cache directory where that is not writable); later
+processes load them in about a second. `compile_in_background()` starts that work at start-up and
+`wait_until_compiled(log)` says why the first map is slow when it is not done yet.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
+from typing import Callable, Optional
+
 import numpy as np
 import scipy.linalg
-from numba import njit, prange
+from numba import njit, prange, types
 from threadpoolctl import threadpool_limits
 
 PERPLEXITY = 30.0
@@ -58,12 +76,15 @@ def tsne_maps(
     hidden: (n_maps, n_points, dim) float, e.g. an example's hidden states
     (n_layers + 1, n_tokens, hidden). Returns float32 (n_maps, n_points, 2).
 
-    Perplexity is 30, clipped to (n_points - 1) / 3 for small maps; maps of fewer than 4 points
+    Perplexity is 30, clipped to (n_points - 1) / 3 for small maps; the learning rate is
+    n_points / 48 unless given (see the module docstring); maps of fewer than 4 points
     get their first two principal components instead (t-SNE means nothing there). Each map is
     rotated/reflected to line up with the previous one, so orientation stays steady across layers.
     Deterministic: the same input and seed give the same output, whatever the number of threads.
     `seed` seeds the tiny jitter added to the PCA initialisation, which separates identical points.
     """
+    if learning_rate is not None and not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
     x = np.asarray(hidden, dtype=np.float32)
     if x.ndim != 3:
         raise ValueError(f"hidden must be (n_maps, n_points, dim), got shape {x.shape}")
@@ -87,11 +108,18 @@ def tsne_maps(
         rng = np.random.default_rng(seed)
         y = init * 1e-4 + rng.normal(0.0, 1e-6, init.shape)
         perplexity = min(PERPLEXITY, (n - 1) / 3.0)
-        lr = learning_rate if learning_rate is not None else max(n / EARLY_EXAGGERATION / 4, 50.0)
+        lr = float(learning_rate) if learning_rate is not None else _learning_rate(n)
         p = _joint_probabilities(gram, np.log(perplexity)).astype(np.float32)
-        y = _optimise(p, np.ascontiguousarray(y), n_iter, n_early, lr, EARLY_EXAGGERATION)
+        # int / float casts: the argument types of the signatures that compile_in_background compiles.
+        y = _optimise(p, np.ascontiguousarray(y), int(n_iter), int(n_early), lr, EARLY_EXAGGERATION)
     with threadpool_limits(1, user_api="blas"):
         return _align_to_previous(y).astype(np.float32)
+
+
+def _learning_rate(n: int) -> float:
+    """scikit-learn's "auto" learning rate n / (4 * early exaggeration), without its floor of 50
+    (too large a step on small maps: see the module docstring)."""
+    return n / EARLY_EXAGGERATION / 4
 
 
 def _pca_init(gram: np.ndarray) -> np.ndarray:
@@ -252,3 +280,62 @@ def _align_to_previous(y: np.ndarray) -> np.ndarray:
         u, _, vt = np.linalg.svd(y[m].T @ y[m - 1])
         y[m] = y[m] @ (u @ vt)
     return y
+
+
+# The argument types tsne_maps passes to the kernels (compiled ahead by compile_in_background).
+_JOINT_PROBABILITIES_ARGS = (types.float64[:, :, ::1], types.float64)
+_OPTIMISE_ARGS = (types.float32[:, :, ::1], types.float64[:, :, ::1], types.int64, types.int64,
+                  types.float64, types.float64)
+# Loading the kernels from numba's cache takes 0.5-1 s; longer means they are compiling.
+_CACHE_LOAD_S = 3.0
+
+_compile_lock = threading.Lock()
+_compile_done = threading.Event()
+_compile_thread: Optional[threading.Thread] = None
+_compile_error: Optional[Exception] = None
+
+
+def compile_in_background() -> None:
+    """Start compiling (first run in a checkout) or loading from numba's cache the t-SNE kernels,
+    in a daemon thread, so that the first tsne_maps call does not pay for it. Idempotent and
+    thread-safe: only the first call starts the thread. Only compiles (runs no kernel), so it can
+    overlap tsne_maps calls in other threads: numba's compiler lock makes those wait for it.
+    Call it in the process that computes the maps, not before a fork (a child forked mid-compile
+    inherits numba's compiler lock held by a thread it does not have).
+    """
+    global _compile_thread
+    with _compile_lock:
+        if _compile_thread is None:
+            _compile_thread = threading.Thread(target=_compile_kernels, name="vli-tsne-compile", daemon=True)
+            _compile_thread.start()
+
+
+def wait_until_compiled(log: Optional[Callable[[str], None]] = None) -> None:
+    """Block until the t-SNE kernels are ready (starting compile_in_background if needed); if that
+    takes longer than a cache load, first say why with one call of `log` (default: a line on stderr).
+
+    Re-raises, as RuntimeError, an error the compilation raised (tsne_maps would raise it too).
+    """
+    compile_in_background()
+    if not _compile_done.wait(_CACHE_LOAD_S):
+        (log or _print_stderr)("compiling the t-SNE kernels (first run in this checkout only, "
+                               "about 25 s)...")
+        _compile_done.wait()
+    if _compile_error is not None:
+        raise RuntimeError(f"compiling the t-SNE kernels failed: {_compile_error}") from _compile_error
+
+
+def _compile_kernels() -> None:
+    """Compile or load (numba's cache) both kernels for tsne_maps's argument types."""
+    global _compile_error
+    try:
+        _joint_probabilities.compile(_JOINT_PROBABILITIES_ARGS)
+        _optimise.compile(_OPTIMISE_ARGS)
+    except Exception as error:  # noqa: BLE001 - handed to wait_until_compiled's caller
+        _compile_error = error
+    finally:
+        _compile_done.set()
+
+
+def _print_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
