@@ -29,6 +29,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from app.database.models.vl_model import run_data_setup
+from app.database.tsne import wait_until_compiled
 
 MESSAGE_CHARS = 300  # longest message shown in the page or written in one log line
 LOG_LINES = 60  # longest traceback kept in a log record (its first and last lines)
@@ -153,6 +154,7 @@ class JobRunner:
             self._set(job_id, RUNNING, f"running the model on example {ex_id}…", ex_id)
             record = run_data_setup(self.model, ex_id, image_path, text, label=label)
             self._set(job_id, PREPROCESSING, f"preprocessing example {ex_id}…", ex_id)
+            wait_until_compiled(lambda message: self._set(job_id, PREPROCESSING, message, ex_id))
             stored = self.db.add_record(record)
             self._set(job_id, DONE, f"example {stored} added", stored)
         except Exception as error:  # noqa: BLE001 - every failure is reported to the page

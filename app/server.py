@@ -278,6 +278,8 @@ def _run(args, db: VliLmdb, listener: socket.socket, local: bool) -> int:
 
     model = None
     if args.model:
+        from app.database.tsne import compile_in_background  # noqa: PLC0415 - only with a live model
+        compile_in_background()  # the first "Add example" needs the t-SNE kernels: build them meanwhile
         name, params = args.model[0], args.model[1:]
         try:  # load_model prints its own progress lines
             model = _load_model(name, params)

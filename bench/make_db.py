@@ -141,6 +141,7 @@ def build(out: str, n: int, *, layers: int = 12, heads: int = 12, text: int = 40
     if fast_tsne:
         import app.database.store as store  # noqa: PLC0415 - in-process stand-in, see the docstring
         store._tsne_maps = pca_tsne_maps
+        store._tsne_ready = lambda: None  # the kernels are not used
     if os.path.exists(out):
         shutil.rmtree(out)
     gen_s = pre_s = 0.0

@@ -58,6 +58,7 @@ def small_db(tmp_path, monkeypatch):
     from app.database.database import VliLmdb
 
     monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
     rng = np.random.default_rng(0)
     records = [make_record(i, text_tokens=TEXT, grid=GRID, n_layers=N_LAYERS, n_heads=N_HEADS, hidden=8,
                            image_cls=True, image_hw=(40, 50),

@@ -94,5 +94,6 @@ try:  # a pytest fixture for modules that preprocess: `from helpers import fast_
         """Replace the (slow, separately tested) t-SNE by fake_tsne_maps during preprocess."""
         import app.database.store as store  # noqa: PLC0415
         monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+        monkeypatch.setattr(store, "_tsne_ready", lambda: None)
 except ImportError:  # pragma: no cover
     pass

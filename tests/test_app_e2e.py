@@ -253,6 +253,8 @@ def test_layout_uses_the_screen(dash_duo, tmp_path, monkeypatch):
     from helpers import fake_tsne_maps, make_db, make_record
 
     monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+
+    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
     text = ["[CLS]", "what", "color", "is", "the", "triangle", "?", "[SEP]"]
     db, _ = make_db(tmp_path / "db", [make_record(0, text_tokens=text, grid=(6, 6), n_layers=4, n_heads=4,
                                                   image_cls=True, image_hw=(96, 96))])

@@ -210,6 +210,8 @@ def test_play_stops_at_the_last_token_shown(tmp_path, monkeypatch):
     from helpers import fake_tsne_maps, make_db, make_record
 
     monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+
+    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
     text = ["[CLS]", "a", "b", "[SEP]", "[PAD]", "[PAD]"]
     db, report = make_db(tmp_path / "db", [make_record(0, text_tokens=text)])
     assert not report.failed

@@ -102,6 +102,13 @@ def _existing_text(db, ex_id: int):
         return None
 
 
+def _tsne_ready(log) -> None:
+    """The t-SNE kernels compiled (or loaded) before the progress bar starts, with a line when that
+    takes a while (the first run in a checkout), so that it is neither silent nor in the ETA."""
+    from app.database.tsne import wait_until_compiled  # noqa: PLC0415
+    wait_until_compiled(log)
+
+
 def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, progress: bool = True,
             log=None) -> ExtractReport:
     """Run ``model`` on every line of ``pairs_path`` into ``db`` (see the module docstring)."""
@@ -125,6 +132,7 @@ def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, p
         _save_runs(out, runs)
 
     report = ExtractReport()
+    _tsne_ready(log)
     bar = tqdm(enumerate(lines, start=1), total=len(lines), desc="extracting", unit="pair", disable=not progress)
     for number, line in bar:
         if not line.strip():
@@ -171,6 +179,8 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.pairs):
         print(f"error: pairs file not found: {args.pairs}", file=sys.stderr)
         return 2
+    from app.database.tsne import compile_in_background  # noqa: PLC0415 - keep `--help` fast
+    compile_in_background()  # built while the model loads, so that the ETA never counts it
     try:
         model = load_model(args.model, args.params)
     except ModelLoadError as e:

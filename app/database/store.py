@@ -228,6 +228,13 @@ def _tsne_maps(hidden: np.ndarray) -> np.ndarray:
     return tsne_maps(hidden)
 
 
+def _tsne_ready() -> None:
+    """The t-SNE kernels compiled or loaded before a progress bar starts (a line says so when that is
+    the first run's compile), so that the bar's ETA never counts it."""
+    from app.database.tsne import wait_until_compiled  # noqa: PLC0415
+    wait_until_compiled()
+
+
 def _png(image: np.ndarray) -> bytes:
     from PIL import Image  # noqa: PLC0415
     buffer = io.BytesIO()
@@ -835,6 +842,8 @@ class VliLmdb:
                 return error
 
         bar = None
+        if keys:
+            _tsne_ready()
         if progress and keys:
             from tqdm.auto import tqdm  # noqa: PLC0415
             bar = tqdm(total=len(keys), desc="preprocess", unit="example")
