@@ -9,7 +9,7 @@ meta       ``schema_version``     JSON int; checked on open
 meta       ``n_layers`` ...       JSON: n_layers, n_heads, hidden_size, special_tokens,
                                   custom_metrics (names), metric_descriptions, next_id, nn_dim,
                                   nn_tail, nn_shards
-meta       ``nn_projection``      float32 raw bytes (see neighbors.py)
+meta       ``nn_projection``      float32 (n_layers + 1, hidden_size, nn_dim) (see neighbors.py)
 info       ``E``                  JSON: tokens, txt_len, special, coords, grid, image_size,
                                   accuracy, prediction, text, notes, custom_metrics (names),
                                   attention_exp, source (xxh3 of the raw pickle it came from)
@@ -23,7 +23,7 @@ hidden     ``E/LLL``              float16 little-endian (n, hidden), layer 0..n_
 tsne       ``E``                  float32 (n_layers + 1, n, 2)
 stats      ``E``                  float32 (n_statistics, n_layers, n_heads): the built-ins of
                                   stats.STATISTICS, then the example's custom metrics
-nn         see neighbors.py       projected unit vectors, tail values and sealed shards
+nn         see neighbors.py       bound rows [a, r] per token: tail values and sealed shards
 =========  =====================  ==============================================================
 
 Every value carries a checksum (:mod:`app.database.checksum`), checked on every read: a damaged
@@ -737,21 +737,20 @@ class VliLmdb:
             meta = {k: self._meta(k, txn) for k in ("nn_shards", "nn_tail")}
             width = self.hidden_size
 
-            def hidden_row(other: int, position: int) -> np.ndarray:
+            def hidden_rows(other: int) -> np.ndarray:
                 raw = self._get(txn, "hidden", _lkey(other, layer), other, f"hidden states of layer {layer}")
-                return np.frombuffer(raw, dtype="<f2", count=width,
-                                     offset=position * width * 2).astype(np.float32)
+                return np.frombuffer(raw, dtype="<f2").reshape(-1, width)  # checksum checked, zero-copy
 
-            query = hidden_row(info.ex_id, token)
+            query = hidden_rows(info.ex_id)[token].astype(np.float32)
             return neighbors.search(txn, self._dbs["nn"], query, token < info.txt_len, layer,
-                                    meta["nn_shards"] or 0, meta["nn_tail"] or [], projection, hidden_row,
-                                    rerank=neighbors.RERANK)
+                                    meta["nn_shards"] or 0, meta["nn_tail"] or [], projection, hidden_rows)
 
     def _projection(self, txn) -> np.ndarray:
         if "nn_projection" not in self._meta_cache:
             raw = open_value(txn.get(b"nn_projection", db=self._dbs["meta"]), "the nearest-token projection")
             dim = self._meta("nn_dim", txn)
-            self._meta_cache["nn_projection"] = np.frombuffer(bytes(raw), dtype="<f4").reshape(-1, dim)
+            self._meta_cache["nn_projection"] = np.frombuffer(bytes(raw), dtype="<f4").reshape(
+                self.n_layers + 1, self.hidden_size, dim)
         return self._meta_cache["nn_projection"]
 
     # ----------------------------------------------------------------------------- write side
@@ -976,10 +975,11 @@ class VliLmdb:
             raw = txn.get(b"nn_projection", db=self._dbs["meta"])
             projection_bytes = None if raw is None else bytes(open_value(raw, "the nearest-token projection"))
         if projection_bytes is None:
-            projection = neighbors.make_projection(normal.hidden_size)
+            projection = neighbors.make_projection(hidden16, normal.special)
             projection_bytes = projection.astype("<f4").tobytes()
         else:
-            projection = np.frombuffer(projection_bytes, dtype="<f4").reshape(normal.hidden_size, -1)
+            projection = np.frombuffer(projection_bytes, dtype="<f4").reshape(
+                normal.n_layers + 1, normal.hidden_size, -1)
         nn_values = _as_record_error(ex_id, "hidden_states", lambda: neighbors.example_entries(
             ex_id, stored_hidden, normal.txt_len, normal.special, projection))
         seconds["index"] = time.perf_counter() - t
@@ -1030,14 +1030,16 @@ class VliLmdb:
                 self._put_meta(txn, "n_heads", normal.n_heads)
                 self._put_meta(txn, "hidden_size", normal.hidden_size)
                 self._put_meta(txn, "special_tokens", list(self.special_tokens))
-                self._put_meta(txn, "nn_dim", len(prepared.projection) // 4 // normal.hidden_size)
+                self._put_meta(txn, "nn_dim", len(prepared.projection) // 4 // normal.hidden_size
+                               // (normal.n_layers + 1))
                 self._put_meta(txn, "nn_tail", [])
                 self._put_meta(txn, "nn_shards", 0)
                 txn.put(b"nn_projection", seal_value(prepared.projection), db=self._dbs["meta"])
             stored_projection = bytes(open_value(txn.get(b"nn_projection", db=self._dbs["meta"]),
                                                  "the nearest-token projection"))
             if stored_projection != prepared.projection:  # another example set it meanwhile
-                projection = np.frombuffer(stored_projection, dtype="<f4").reshape(normal.hidden_size, -1)
+                projection = np.frombuffer(stored_projection, dtype="<f4").reshape(
+                    normal.n_layers + 1, normal.hidden_size, -1)
                 stored_hidden = np.clip(normal.hidden_states, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2").astype(
                     np.float32)
                 prepared.values[b"nn"] = neighbors.example_entries(
