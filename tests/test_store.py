@@ -322,3 +322,25 @@ def test_raw_records_never_enter_the_main_file(tmp_path):
     with VliLmdb(path) as ro:
         assert ro.example_ids() == list(range(7))
         assert ro.attention(5, 1, 0, [0]).shape == (42,)
+
+
+def test_nearest_token_is_exact_against_brute_force(tmp_path):
+    """Over the stored (float16) hidden states of every example, isotropic ones included."""
+    records = [make_record(i, n_text=5, grid=(3, 4), hidden=96, seed=3) for i in range(6)]
+    db, _ = make_db(tmp_path / "db", records)
+    stored = {r["ex_id"]: validate_record(r) for r in records}
+    for ex_id, layer, token in [(0, 0, 1), (2, 1, 3), (4, 2, 9), (5, 2, 2)]:
+        got = db.nearest_other_modality(ex_id, layer, token)
+        query = db.hidden_states(ex_id, layer)[token]
+        query_is_text = token < stored[ex_id].txt_len
+        best = None
+        for other, rec in stored.items():
+            states = db.hidden_states(other, layer)
+            for k in range(rec.n_tokens):
+                if rec.special[k] or (k < rec.txt_len) == query_is_text:
+                    continue
+                cosine = float(states[k] @ query / np.linalg.norm(states[k]) / np.linalg.norm(query))
+                if best is None or (-cosine, other, k) < (-best[0], best[1], best[2]):
+                    best = (cosine, other, k)
+        assert (got.ex_id, got.token) == best[1:] and got.similarity == pytest.approx(best[0], abs=1e-5)
+    db.close()

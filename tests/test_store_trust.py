@@ -198,10 +198,10 @@ def test_an_unexpected_failure_refuses_that_record_alone(tmp_path, monkeypatch):
     db["2"] = pickle.dumps(make_record(2))
     real = store.head_statistics
 
-    def broken_for_one(attention, txt_len, special):
+    def broken_for_one(attention, *args):
         if attention.shape[-1] == 10 and float(attention[0, 0, 0, 0]) == float(_first_weight(1)):
             raise MemoryError("simulated")
-        return real(attention, txt_len, special)
+        return real(attention, *args)
 
     monkeypatch.setattr(store, "head_statistics", broken_for_one)
     report = db.preprocess(progress=False)

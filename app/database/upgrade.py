@@ -31,7 +31,8 @@ from app.database.store import (SCHEMA_VERSION, SUB_DBS, DatabaseError, VliLmdb,
 __all__ = ["upgrade", "main"]
 
 V1_STATISTICS = 7  # txt2img, img2txt, txt2txt, img2img, img2img_nodiag, cross_modal, intra_modal
-PROGRESS_DB = b"upgrade_progress"  # ex_id keys done, plus b"state": JSON of the index being rebuilt
+PROGRESS_DB = b"upgrade_progress"  # ex_id keys done, plus b"state" (the index being rebuilt) and
+# b"projection" (its projection), JSON
 
 
 def upgrade(path: str, progress: bool = True) -> Optional[int]:
@@ -64,7 +65,7 @@ def _upgrade_v1(env, meta, path: str, progress: bool) -> int:
         ex_ids = [int(bytes(k)) for k in txn.cursor(db=dbs["info"]).iternext(values=False)]
         state = txn.get(b"state", db=done_db)
         state = json.loads(bytes(state)) if state is not None else None
-        done = {int(bytes(k)) for k in txn.cursor(db=done_db).iternext(values=False) if bytes(k) != b"state"}
+        done = {int(bytes(k)) for k in txn.cursor(db=done_db).iternext(values=False) if bytes(k).isdigit()}
     plain = {k: json.loads(v) for k, v in settings.items() if k != "nn_projection"}
     n_layers, n_heads = plain.get("n_layers"), plain.get("n_heads")
     if state is None:
