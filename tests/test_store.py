@@ -9,6 +9,7 @@ import lmdb
 import numpy as np
 import pytest
 
+from app.database.analysis import attention_rollout
 from app.database.database import DatabaseError, RecordError, VliLmdb
 from app.database.records import validate_record
 from app.database.stats import STATISTICS, head_statistics
@@ -62,6 +63,9 @@ def test_round_trip(tmp_path):
             np.testing.assert_allclose(db.hidden_states(raw["ex_id"], layer), rec.hidden_states[layer], **F16)
             stored = rec.hidden_states.astype(np.float16).astype(np.float32)  # maps come from what is stored
             np.testing.assert_array_equal(db.tsne(raw["ex_id"], layer), fake_tsne_maps(stored)[layer])
+        rollout = attention_rollout(rec.attention)  # checked against loops in test_analysis.py
+        for layer in range(2):
+            np.testing.assert_allclose(db.rollout(raw["ex_id"], layer, [1, 2]), rollout[layer, [1, 2]].mean(0), **F16)
         stats = db.head_statistics(raw["ex_id"])
         want = head_statistics(rec.attention, rec.txt_len, rec.special, rec.coords, rec.image.shape[:2], rec.grid)
         assert list(stats) == db.statistic_names()

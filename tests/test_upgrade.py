@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import app.database.upgrade as upgrade_module
+from app.database.analysis import attention_rollout
 from app.database.database import DatabaseError, VliLmdb
 from app.database.stats import STATISTICS, head_statistics
 from app.database.upgrade import main, upgrade
@@ -53,6 +54,8 @@ def test_upgrade_keeps_every_value_and_recomputes_the_statistics(old_db):
             attention = np.stack([np.frombuffer(before["attention"][key + b"/%03d" % layer], "<f2")
                                   for layer in range(2)]).reshape(2, 2, n, n).astype(np.float32) * 2.0 ** -exp
             np.testing.assert_array_equal(db.attention_matrix(ex_id, 1, 0), attention[1, 0])
+            np.testing.assert_allclose(db.rollout(ex_id, 1, [0]), attention_rollout(attention)[1, 0], rtol=2e-3,
+                                       atol=1e-6)
             hidden1 = np.frombuffer(before["hidden"][key + b"/001"], "<f2").reshape(n, -1)
             np.testing.assert_array_equal(db.hidden_states(ex_id, 1), hidden1.astype(np.float32))
             np.testing.assert_array_equal(db.tsne(ex_id, 2),

@@ -12,12 +12,14 @@ meta       ``n_layers`` ...       JSON: n_layers, n_heads, hidden_size, special_
 meta       ``nn_projection``      float32 (n_layers + 1, hidden_size, nn_dim) (see neighbors.py)
 info       ``E``                  JSON: tokens, txt_len, special, coords, grid, image_size,
                                   accuracy, prediction, text, notes, custom_metrics (names),
-                                  attention_exp, source (xxh3 of the raw pickle it came from)
+                                  attention_exp, rollout_exp, source (xxh3 of the raw pickle)
 ids        ``E``                  empty: the example ids alone, so that listing them reads a few
                                   pages (an ``info`` value is an overflow page)
 image      ``E``                  PNG bytes
 attention  ``E/LLL``              float16 little-endian (heads, n, n) holding attention *
                                   2**attention_exp (info), layer 0..n_layers-1
+rollout    ``E/LLL``              float16 (n, n): the attention rollout through layers 1..LLL+1
+                                  (analysis.attention_rollout) * 2**rollout_exp (info)
 hidden     ``E/LLL``              float16 little-endian (n, hidden), layer 0..n_layers (clipped
                                   to the float16 range, +-65 504)
 tsne       ``E``                  float32 (n_layers + 1, n, 2)
@@ -63,6 +65,7 @@ import numpy as np
 import xxhash
 
 from app.database import neighbors, safe_pickle
+from app.database.analysis import attention_rollout
 from app.database.checksum import CHECKSUM_BYTES, CorruptValueError, open_value, seal_value
 from app.database.neighbors import Neighbor, SearchCost
 from app.database.records import DEFAULT_SPECIAL_TOKENS, Record, RecordError, validate_record
@@ -72,7 +75,7 @@ __all__ = ["VliLmdb", "DatabaseError", "RecordError", "CorruptValueError", "Exam
            "Neighbor", "SearchCost", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 2  # 2: checksummed values, pending records in their own environment
-SUB_DBS = (b"meta", b"info", b"ids", b"image", b"attention", b"hidden", b"tsne", b"stats", b"nn")
+SUB_DBS = (b"meta", b"info", b"ids", b"image", b"attention", b"rollout", b"hidden", b"tsne", b"stats", b"nn")
 PENDING_DIR = "pending"
 PENDING_LOCK = "pending.lock"
 UPGRADE_HINT = "python -m app.database.upgrade"
@@ -163,6 +166,7 @@ class ExampleInfo:
     text: Optional[str]
     notes: tuple[str, ...] = ()         # shown with the example (e.g. "the text was cut to ...")
     attention_exp: int = 0              # storage detail: attention is stored as float16(a * 2**exp)
+    rollout_exp: int = 0                # the same for the rollout
 
     @property
     def n_tokens(self) -> int:
@@ -226,6 +230,15 @@ def _tsne_maps(hidden: np.ndarray) -> np.ndarray:
     """(n_maps, n_points, dim) -> (n_maps, n_points, 2) float32 (app.database.tsne)."""
     from app.database.tsne import tsne_maps  # noqa: PLC0415 (heavy import, only when writing)
     return tsne_maps(hidden)
+
+
+def _scaled_float16(weights: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(float16(weights * 2**exp), exp)``. Attention weights are mostly tiny: scaled by 2**exp
+    (exp = 14 when the largest is 1) they stay out of float16's subnormal range (12x faster to convert,
+    and precise down to ~4e-9); the largest value still fits float16, and the rescale on read is exact."""
+    peak = float(np.abs(weights).max()) or 1.0
+    exp = int(np.clip(np.floor(np.log2(FLOAT16_MAX / peak)) - 1, -120, 120))
+    return (weights * np.float32(2.0 ** exp)).astype("<f2"), exp
 
 
 def _tsne_ready() -> None:
@@ -613,7 +626,7 @@ class VliLmdb:
             grid=None if data["grid"] is None else tuple(data["grid"]),
             image_size=tuple(data["image_size"]), accuracy=data["accuracy"],
             prediction=data["prediction"], text=data["text"], notes=tuple(data["notes"]),
-            attention_exp=data["attention_exp"])
+            attention_exp=data["attention_exp"], rollout_exp=data["rollout_exp"])
         with self._lock:
             self._cache[ex_id] = info
             while len(self._cache) > self._cache_size:
@@ -675,6 +688,24 @@ class VliLmdb:
                                            f"attention of layer {layer}"), dtype="<f2").reshape(self.n_heads, n, n)
             picked = view[head, rows] if head is not None else view[:, rows]  # copies the rows
         return picked.astype(np.float32).reshape(-1, n).mean(axis=0) * np.float32(2.0 ** -info.attention_exp)
+
+    def rollout(self, ex_id: int, layer: int, queries: Union[int, Sequence[int], np.ndarray]) -> np.ndarray:
+        """float32 (n,): the attention rollout (Abnar & Zuidema 2020) through layers 1..layer+1 of
+        ``queries``, averaged over them: what each query draws on from every input token, through the
+        residual stream and every head (app.database.analysis.attention_rollout). layer: 0..n_layers-1."""
+        info = self.example(ex_id)
+        layer = self._check_layer(layer, hidden=False)
+        rows = np.atleast_1d(np.asarray(queries, dtype=np.int64))
+        n = info.n_tokens
+        if rows.size == 0:
+            raise ValueError("rollout(): at least one query token is needed")
+        if rows.min() < 0 or rows.max() >= n:
+            raise IndexError(f"query tokens {rows.tolist()} out of range 0..{n - 1}")
+        with self._read() as txn:
+            view = np.frombuffer(self._get(txn, "rollout", _lkey(info.ex_id, layer), ex_id,
+                                           f"rollout up to layer {layer}"), dtype="<f2").reshape(n, n)
+            picked = view[rows]
+        return picked.astype(np.float32).mean(axis=0) * np.float32(2.0 ** -info.rollout_exp)
 
     def attention_matrix(self, ex_id: int, layer: int, head: Optional[int]) -> np.ndarray:
         """float32 (n, n) attention of one head (or the mean over heads for head=None)."""
@@ -990,13 +1021,9 @@ class VliLmdb:
                 "image_size": list(normal.image.shape[:2]), "accuracy": normal.accuracy,
                 "prediction": normal.prediction, "text": normal.text, "notes": normal.notes,
                 "custom_metrics": list(normal.custom_metrics), "source": source}
-        # Softmax weights are mostly tiny: scaled by 2**exp (exp = 14 when the largest weight is
-        # 1) they stay out of float16's subnormal range (12x faster to convert, and precise down
-        # to ~4e-9); the largest value still fits float16, and the rescale on read is exact.
-        peak = float(np.abs(normal.attention).max()) or 1.0
-        exp = int(np.clip(np.floor(np.log2(FLOAT16_MAX / peak)) - 1, -120, 120))
-        info["attention_exp"] = exp
-        attention16 = (normal.attention * np.float32(2.0 ** exp)).astype("<f2")
+        attention16, info["attention_exp"] = _scaled_float16(normal.attention)
+        rollout = _as_record_error(ex_id, "attention", lambda: attention_rollout(normal.attention))
+        rollout16, info["rollout_exp"] = _scaled_float16(rollout)
         ekey = _ekey(ex_id)
         image_png = _as_record_error(ex_id, "image", lambda: _png(normal.image))
         values = {
@@ -1004,6 +1031,7 @@ class VliLmdb:
             b"ids": {ekey: b""},
             b"image": {ekey: image_png},
             b"attention": {_lkey(ex_id, layer): attention16[layer].tobytes() for layer in range(normal.n_layers)},
+            b"rollout": {_lkey(ex_id, layer): rollout16[layer].tobytes() for layer in range(normal.n_layers)},
             b"hidden": {_lkey(ex_id, layer): hidden16[layer].tobytes() for layer in range(normal.n_layers + 1)},
             b"tsne": {ekey: maps.tobytes()},
             b"stats": {ekey: stats_blob},

@@ -23,10 +23,11 @@ import numpy as np
 from tqdm import tqdm
 
 from app.database import neighbors
+from app.database.analysis import attention_rollout
 from app.database.checksum import seal_value
 from app.database.stats import head_statistics
 from app.database.store import (SCHEMA_VERSION, SUB_DBS, DatabaseError, VliLmdb, _ekey, _lkey, _open_lmdb,
-                                pending_environment)
+                                _scaled_float16, pending_environment)
 
 __all__ = ["upgrade", "main"]
 
@@ -140,13 +141,17 @@ def _upgrade_example(txn, dbs, ex_id: int, n_layers: int, n_heads: int, projecti
     stats = list(head_statistics(attention, info["txt_len"], special, coords, tuple(info["image_size"]),
                                  grid).values()) + list(old_stats[V1_STATISTICS:])
     hidden = _hidden(txn, dbs, ex_id, info)
-    for name, key, value in (("info", ekey, json.dumps(info).encode()), ("ids", ekey, b""),
+    for name, key, value in (("ids", ekey, b""),
                              ("stats", ekey, np.stack(stats).astype("<f4").tobytes()),
                              ("image", ekey, bytes(txn.get(ekey, db=dbs["image"]))),
                              ("tsne", ekey, bytes(txn.get(ekey, db=dbs["tsne"])))):
         txn.put(key, seal_value(value), db=dbs[name])
     for layer, values in enumerate(attention16):
         txn.put(_lkey(ex_id, layer), seal_value(values.tobytes()), db=dbs["attention"])
+    rollout16, info["rollout_exp"] = _scaled_float16(attention_rollout(attention))
+    for layer, values in enumerate(rollout16):
+        txn.put(_lkey(ex_id, layer), seal_value(values.tobytes()), db=dbs["rollout"])
+    txn.put(ekey, seal_value(json.dumps(info).encode()), db=dbs["info"])
     for layer, values in enumerate(hidden):
         txn.put(_lkey(ex_id, layer), seal_value(values.tobytes()), db=dbs["hidden"])
     for key, value in neighbors.example_entries(ex_id, hidden, info["txt_len"], special, projection).items():
