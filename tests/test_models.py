@@ -455,3 +455,23 @@ def test_vilt_never_stores_padding(vqa, image_path, monkeypatch):
     assert "[PAD]" not in padded["tokens"] and padded["tokens"] == plain["tokens"]
     assert padded["txt_len"] == len(QUESTION.split()) + 2
     np.testing.assert_allclose(padded["attention"], plain["attention"], atol=1e-5)
+
+
+def test_vilt_stores_the_gradient_relevancy_of_its_answer(vqa, image_path, tmp_path):
+    """Chefer et al.'s relevancy (app.database.analysis, checked against autograd there) for the top
+    answer's logit, in the stored token order: the same whatever order visual_embed shuffled the
+    patches into, which a wrong permutation would break."""
+    torch.manual_seed(1)
+    a = vqa.data_setup(0, image_path, QUESTION)
+    torch.manual_seed(2)
+    b = vqa.data_setup(0, image_path, QUESTION)
+    n = len(a["tokens"])
+    assert a["relevancy"].shape == (n, n)
+    np.testing.assert_allclose(a["relevancy"], b["relevancy"], rtol=1e-4, atol=1e-6)
+    assert (a["relevancy"] >= 0).all() and np.all(np.diag(a["relevancy"]) >= 1 - 1e-6)  # R = I + ...
+    assert not np.allclose(a["relevancy"], np.eye(n))
+    db = VliLmdb(tmp_path / "db", read_only=False)
+    db.add_record(a)
+    np.testing.assert_allclose(db.relevancy(0, [0]), a["relevancy"][0], rtol=1e-6)
+    assert db.relevancy(0, [0, 1]).shape == (n,)
+    db.close()

@@ -78,6 +78,8 @@ INVALID = {
                               "hidden_states", "float32's range"),
     "token too long": (lambda r: r["tokens"].__setitem__(1, "x" * 5000), "tokens", "5,000 characters"),
     "notes": (_set(notes="cut"), "notes", "list of str"),
+    "relevancy shape": (_set(relevancy=np.zeros((3, 3))), "relevancy", "expected shape (10, 10)"),
+    "relevancy negative": (_set(relevancy=-np.ones((10, 10))), "relevancy", "non-negative"),
     "description of no metric": (_set(metric_descriptions={"x": "what x is"}), "metric_descriptions",
                                  "not one of the record's custom_metrics"),
     "neither text nor image": (_set(tokens=[], txt_len=0, img_coords=[], attention=np.zeros((2, 2, 0, 0)),
@@ -121,6 +123,7 @@ def test_text_only_and_image_only_are_valid():
 def test_normalisation_sorts_patches_row_major_and_permutes_everything():
     raw = make_record(4, text_tokens=["[CLS]", "a", "[SEP]"], grid=(3, 2), shuffle_image=True, image_cls=True,
                       seed=3)
+    raw["relevancy"] = np.random.default_rng(0).random((10, 10))
     rec = validate_record(raw)
     assert rec.tokens[:3] == ["[CLS]", "a", "[SEP]"] and rec.tokens[3] == "[CLS]"
     patches = rec.coords[4:]
@@ -136,6 +139,7 @@ def test_normalisation_sorts_patches_row_major_and_permutes_everything():
             assert index[tok] == src
     np.testing.assert_array_equal(rec.attention, raw["attention"][:, :, rec.order][:, :, :, rec.order])
     np.testing.assert_array_equal(rec.hidden_states, raw["hidden_states"][:, rec.order])
+    np.testing.assert_array_equal(rec.relevancy, raw["relevancy"][rec.order][:, rec.order].astype(np.float32))
     assert np.allclose(rec.attention.sum(-1), 1, atol=1e-5)  # rows still sum to 1 after the permutation
     for i in range(4, 10):
         x, y = rec.coords[i]

@@ -43,7 +43,7 @@ __all__ = ["RecordError", "Record", "validate_record", "answers_match", "DEFAULT
 DEFAULT_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
 REQUIRED_FIELDS = ("ex_id", "image", "tokens", "txt_len", "attention", "hidden_states")
 OPTIONAL_FIELDS = ("img_coords", "grid", "accuracy", "custom_metrics", "metric_descriptions", "prediction",
-                   "text", "notes")
+                   "text", "notes", "relevancy")
 
 MAX_EX_ID = 2**31 - 1            # the nearest-token index stores ids as int32
 MAX_GRID_SIDE = 1024             # patches per side (a 16 384-pixel image of 16-pixel patches)
@@ -99,6 +99,7 @@ class Record:
     prediction: Optional[dict] = None
     text: Optional[str] = None
     notes: list[str] = field(default_factory=list)  # shown with the example (e.g. "the text was cut")
+    relevancy: Optional[np.ndarray] = None  # (n, n) float32: gradient relevancy, rows = queries
     order: np.ndarray = None       # stored position i holds input token order[i]
 
     @property
@@ -366,11 +367,24 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
                          f"shown as {'correct' if derived else 'incorrect'}")
         accuracy = derived
 
+    relevancy = record.get("relevancy")
+    if relevancy is not None:
+        relevancy = _numeric_array(ex_id, "relevancy", relevancy, ndim=2)
+        if relevancy.shape != (n, n):
+            raise RecordError(ex_id, "relevancy", f"expected shape ({n}, {n}) (query, key) from tokens, got "
+                              f"{relevancy.shape}")
+        if relevancy.size and float(relevancy.min()) < -WEIGHT_TOLERANCE:
+            raise RecordError(ex_id, "relevancy", f"must be non-negative (Chefer et al.'s relevancy is a sum of "
+                              f"positive parts), got {float(relevancy.min()):.3g}")
+        relevancy = relevancy.astype(np.float32)
+
     attention = attention.astype(np.float32, copy=False)
     hidden = hidden.astype(np.float32, copy=False)
     if not np.array_equal(order, np.arange(n)):
         attention = attention[:, :, order[:, None], order[None, :]]  # rows and columns, one gather
         hidden = hidden[:, order]
+        if relevancy is not None:
+            relevancy = relevancy[order[:, None], order[None, :]]
     stored_tokens = [tokens[i] for i in order]
     special = np.array([tokens[i] in specials if i < txt_len else coords[i - txt_len] is None
                         for i in order], dtype=bool)
@@ -380,7 +394,7 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
                   coords=stored_coords, grid=grid, image=image, attention=np.ascontiguousarray(attention),
                   hidden_states=np.ascontiguousarray(hidden), accuracy=accuracy, custom_metrics=metrics,
                   metric_descriptions=dict(descriptions), prediction=prediction, text=text, notes=notes,
-                  order=order)
+                  relevancy=relevancy, order=order)
 
 
 def _check_attention_rows(ex_id, attention: np.ndarray) -> None:

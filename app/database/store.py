@@ -20,6 +20,8 @@ attention  ``E/LLL``              float16 little-endian (heads, n, n) holding at
                                   2**attention_exp (info), layer 0..n_layers-1
 rollout    ``E/LLL``              float16 (n, n): the attention rollout through layers 1..LLL+1
                                   (analysis.attention_rollout) * 2**rollout_exp (info)
+relevancy  ``E``                  float32 (n, n): gradient relevancy (Chefer et al. 2021) of the
+                                  prediction, when the record has it (rows = queries)
 hidden     ``E/LLL``              float16 little-endian (n, hidden), layer 0..n_layers (clipped
                                   to the float16 range, +-65 504)
 tsne       ``E``                  float32 (n_layers + 1, n, 2)
@@ -75,7 +77,8 @@ __all__ = ["VliLmdb", "DatabaseError", "RecordError", "CorruptValueError", "Exam
            "Neighbor", "SearchCost", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 2  # 2: checksummed values, pending records in their own environment
-SUB_DBS = (b"meta", b"info", b"ids", b"image", b"attention", b"rollout", b"hidden", b"tsne", b"stats", b"nn")
+SUB_DBS = (b"meta", b"info", b"ids", b"image", b"attention", b"rollout", b"relevancy", b"hidden", b"tsne", b"stats",
+           b"nn")
 PENDING_DIR = "pending"
 PENDING_LOCK = "pending.lock"
 UPGRADE_HINT = "python -m app.database.upgrade"
@@ -707,6 +710,24 @@ class VliLmdb:
             picked = view[rows]
         return picked.astype(np.float32).mean(axis=0) * np.float32(2.0 ** -info.rollout_exp)
 
+    def relevancy(self, ex_id: int, queries: Union[int, Sequence[int], np.ndarray]) -> Optional[np.ndarray]:
+        """float32 (n,): the gradient relevancy (Chefer et al. 2021) of every token for ``queries``
+        (their rows averaged), for the model's prediction; None when the example has none (a record
+        without ``relevancy``: models that compute it, such as the ViLT adapter, store it)."""
+        info = self.example(ex_id)
+        rows = np.atleast_1d(np.asarray(queries, dtype=np.int64))
+        n = info.n_tokens
+        if rows.size == 0:
+            raise ValueError("relevancy(): at least one query token is needed")
+        if rows.min() < 0 or rows.max() >= n:
+            raise IndexError(f"query tokens {rows.tolist()} out of range 0..{n - 1}")
+        with self._read() as txn:
+            try:
+                raw = self._get(txn, "relevancy", _ekey(info.ex_id), ex_id, "relevancy")
+            except KeyError:
+                return None
+            return np.frombuffer(raw, dtype="<f4").reshape(n, n)[rows].mean(axis=0)
+
     def attention_matrix(self, ex_id: int, layer: int, head: Optional[int]) -> np.ndarray:
         """float32 (n, n) attention of one head (or the mean over heads for head=None)."""
         info = self.example(ex_id)
@@ -1032,6 +1053,7 @@ class VliLmdb:
             b"image": {ekey: image_png},
             b"attention": {_lkey(ex_id, layer): attention16[layer].tobytes() for layer in range(normal.n_layers)},
             b"rollout": {_lkey(ex_id, layer): rollout16[layer].tobytes() for layer in range(normal.n_layers)},
+            b"relevancy": {} if normal.relevancy is None else {ekey: normal.relevancy.astype("<f4").tobytes()},
             b"hidden": {_lkey(ex_id, layer): hidden16[layer].tobytes() for layer in range(normal.n_layers + 1)},
             b"tsne": {ekey: maps.tobytes()},
             b"stats": {ekey: stats_blob},

@@ -44,6 +44,7 @@ from transformers import (
     ViltProcessor,
 )
 
+from app.database.analysis import gradient_relevancy
 from app.database.models.vl_model import VL_Model, same_answer
 
 HEADS = {
@@ -53,6 +54,7 @@ HEADS = {
     "ViltModel": ViltModel,
 }
 IMAGE_CLS = "[CLS]"
+RELEVANCY_HEADS = ("ViltForQuestionAnswering", "ViltForImageAndTextRetrieval")  # a score to explain
 HINT_KEY = "vl_interpret_hint"  # optional config.json key: what images the checkpoint expects
 CUT_TEXT_CHARS = 200  # how much of a cut text the note quotes
 
@@ -128,22 +130,26 @@ class Vilt(VL_Model):
                 inputs[key] = inputs[key][:, real]
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         input_ids = inputs["input_ids"]
-        with self._lock, torch.no_grad():
-            image_embeds, image_mask, (patch_index, (rows, cols)) = self.vilt.embeddings.visual_embed(
-                inputs["pixel_values"], inputs["pixel_mask"], max_image_length=self.config.max_image_length
-            )
-            out = self.net(
-                input_ids=input_ids,
-                attention_mask=inputs["attention_mask"],
-                token_type_ids=inputs.get("token_type_ids"),
-                image_embeds=image_embeds,
-                pixel_mask=image_mask,
-                output_attentions=True,
-                output_hidden_states=True,
-                return_dict=True,
-            )
-        if out.attentions is None or out.hidden_states is None:
-            raise RuntimeError("the ViLT model returned no attentions / hidden states")
+        explained = self.architecture in RELEVANCY_HEADS
+        with self._lock:
+            with torch.no_grad():
+                image_embeds, image_mask, (patch_index, (rows, cols)) = self.vilt.embeddings.visual_embed(
+                    inputs["pixel_values"], inputs["pixel_mask"], max_image_length=self.config.max_image_length
+                )
+            with torch.set_grad_enabled(explained):  # the relevancy needs the attentions' gradients
+                out = self.net(
+                    input_ids=input_ids,
+                    attention_mask=inputs["attention_mask"],
+                    token_type_ids=inputs.get("token_type_ids"),
+                    image_embeds=image_embeds,
+                    pixel_mask=image_mask,
+                    output_attentions=True,
+                    output_hidden_states=True,
+                    return_dict=True,
+                )
+            if out.attentions is None or out.hidden_states is None:
+                raise RuntimeError("the ViLT model returned no attentions / hidden states")
+            relevancy = self._relevancy(out) if explained else None
 
         txt_len = int(input_ids.shape[1])
         text_tokens = self.processor.tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
@@ -157,8 +163,8 @@ class Vilt(VL_Model):
         perm = np.concatenate([np.arange(txt_len), [txt_len], txt_len + 1 + np.asarray(order, dtype=int)])
         perm = perm.astype(int)
 
-        attention = torch.stack([a[0] for a in out.attentions]).float().cpu().numpy()  # (L, H, n, n)
-        hidden = torch.stack([h[0] for h in out.hidden_states]).float().cpu().numpy()  # (L+1, n, d)
+        attention = torch.stack([a[0] for a in out.attentions]).detach().float().cpu().numpy()  # (L, H, n, n)
+        hidden = torch.stack([h[0] for h in out.hidden_states]).detach().float().cpu().numpy()  # (L+1, n, d)
         attention = attention[:, :, perm][:, :, :, perm]
         hidden = hidden[:, perm]
         if not valid.all():  # padding patches were dropped: renormalise over the kept keys
@@ -180,6 +186,8 @@ class Vilt(VL_Model):
         }
         if notes:
             record["notes"] = notes
+        if relevancy is not None:
+            record["relevancy"] = np.ascontiguousarray(relevancy[perm][:, perm], dtype=np.float32)
         prediction = self._prediction(out, input_ids[0])
         if prediction is not None:
             prediction["label"] = None if label is None else str(label)
@@ -221,23 +229,32 @@ class Vilt(VL_Model):
         pixels = pixels[:, : rows * ph, : cols * pw]
         return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
 
+    def _relevancy(self, out) -> np.ndarray:
+        """Chefer et al.'s gradient relevancy (n, n), in the model's token order, of the score the
+        prediction is made from: the top answer's logit (VQA) or the match logit (retrieval)."""
+        logits = out.logits[0]
+        score = logits[int(logits.argmax())] if self.architecture == "ViltForQuestionAnswering" else logits[0]
+        gradients = torch.autograd.grad(score, out.attentions)
+        return gradient_relevancy(torch.stack([a[0] for a in out.attentions]).detach().float().cpu().numpy(),
+                                  torch.stack([g[0] for g in gradients]).float().cpu().numpy())
+
     def _prediction(self, out, input_ids):
         if self.architecture == "ViltForQuestionAnswering":
-            logits = out.logits[0].float()
+            logits = out.logits[0].detach().float()
             single = getattr(self.config, "problem_type", None) == "single_label_classification"
             probs = logits.softmax(-1) if single else torch.sigmoid(logits)
             idx = int(probs.argmax())
             answer = self.config.id2label.get(idx, str(idx))
             return {"answer": str(answer), "score": float(probs[idx])}
         if self.architecture == "ViltForImageAndTextRetrieval":
-            score = float(out.logits[0, 0])
+            score = float(out.logits[0, 0].detach())
             return {"answer": "match" if score > 0 else "no match", "score": score}
         if self.architecture == "ViltForMaskedLM":
             mask_id = self.processor.tokenizer.mask_token_id
             positions = (input_ids == mask_id).nonzero().flatten().tolist() if mask_id is not None else []
             if not positions:
                 return None
-            probs = out.logits[0, positions].float().softmax(-1)
+            probs = out.logits[0, positions].detach().float().softmax(-1)
             best, ids = probs.max(-1)
             words = self.processor.tokenizer.convert_ids_to_tokens(ids.tolist())
             return {"answer": " ".join(words), "score": float(best.prod())}
