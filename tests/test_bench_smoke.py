@@ -25,3 +25,21 @@ def test_make_db_and_interactions_quick(tmp_path):
                  "hover a t-SNE point", "open the attention matrix"):
         assert name in out.stdout, out.stdout
     assert "ERRORS" not in out.stdout, out.stdout
+
+
+def test_faithfulness_quick_ranks_every_map_above_a_random_order():
+    """On the bundled trained model, removing the patches a map calls relevant first hurts more than a
+    random order (positive test), and removing the irrelevant ones first hurts less (negative)."""
+    out = subprocess.run([sys.executable, "bench/faithfulness.py", "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    aucs, direction = {}, None
+    for line in out.stdout.splitlines():
+        if line.startswith(("positive", "negative")):
+            direction = line.split()[0]
+        elif "AUC" in line:
+            method, _, value = line.split()[:3]
+            aucs[(direction, method)] = float(value)
+    for method in ("attention", "rollout", "relevancy"):
+        assert aucs[("positive", method)] < aucs[("positive", "random")], out.stdout
+        assert aucs[("negative", method)] > aucs[("negative", "random")], out.stdout
