@@ -475,3 +475,23 @@ def test_vilt_stores_the_gradient_relevancy_of_its_answer(vqa, image_path, tmp_p
     np.testing.assert_allclose(db.relevancy(0, [0]), a["relevancy"][0], rtol=1e-6)
     assert db.relevancy(0, [0, 1]).shape == (n,)
     db.close()
+
+
+def test_vilt_logit_lens_reproduces_the_answer_at_the_last_layer(vqa, image_path, tmp_path):
+    record = vqa.data_setup(0, image_path, QUESTION)
+    lens = record["logit_lens"]
+    assert len(lens) == len(record["hidden_states"])  # embeddings, then every layer
+    last_answer, last_probability = lens[-1][0]
+    assert last_answer == record["prediction"]["answer"]
+    assert last_probability == pytest.approx(record["prediction"]["score"], rel=1e-6)
+    # independently: the stock model's own head on each layer's [CLS] state
+    with torch.no_grad():
+        hidden = torch.tensor(record["hidden_states"][1][None])  # stored order keeps [CLS] first
+        logits = vqa.net.classifier(vqa.vilt.pooler(vqa.vilt.layernorm(hidden)))[0]
+    probs = torch.sigmoid(logits)
+    assert lens[1][0][0] == vqa.config.id2label[int(probs.argmax())]
+    assert lens[1][0][1] == pytest.approx(float(probs.max()), rel=1e-5)
+    db = VliLmdb(tmp_path / "db", read_only=False)
+    db.add_record(record)
+    assert db.example(0).logit_lens == [[[a, pytest.approx(p)] for a, p in layer] for layer in lens]
+    db.close()

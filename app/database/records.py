@@ -43,7 +43,7 @@ __all__ = ["RecordError", "Record", "validate_record", "answers_match", "DEFAULT
 DEFAULT_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
 REQUIRED_FIELDS = ("ex_id", "image", "tokens", "txt_len", "attention", "hidden_states")
 OPTIONAL_FIELDS = ("img_coords", "grid", "accuracy", "custom_metrics", "metric_descriptions", "prediction",
-                   "text", "notes", "relevancy")
+                   "text", "notes", "relevancy", "logit_lens")
 
 MAX_EX_ID = 2**31 - 1            # the nearest-token index stores ids as int32
 MAX_GRID_SIDE = 1024             # patches per side (a 16 384-pixel image of 16-pixel patches)
@@ -100,6 +100,7 @@ class Record:
     text: Optional[str] = None
     notes: list[str] = field(default_factory=list)  # shown with the example (e.g. "the text was cut")
     relevancy: Optional[np.ndarray] = None  # (n, n) float32: gradient relevancy, rows = queries
+    logit_lens: Optional[list] = None  # per hidden-state layer, the top answers [[answer, probability], ...]
     order: np.ndarray = None       # stored position i holds input token order[i]
 
     @property
@@ -378,6 +379,8 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
                               f"positive parts), got {float(relevancy.min()):.3g}")
         relevancy = relevancy.astype(np.float32)
 
+    logit_lens = _logit_lens(ex_id, record.get("logit_lens"), n_layers + 1)
+
     attention = attention.astype(np.float32, copy=False)
     hidden = hidden.astype(np.float32, copy=False)
     if not np.array_equal(order, np.arange(n)):
@@ -394,7 +397,34 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
                   coords=stored_coords, grid=grid, image=image, attention=np.ascontiguousarray(attention),
                   hidden_states=np.ascontiguousarray(hidden), accuracy=accuracy, custom_metrics=metrics,
                   metric_descriptions=dict(descriptions), prediction=prediction, text=text, notes=notes,
-                  relevancy=relevancy, order=order)
+                  relevancy=relevancy, logit_lens=logit_lens, order=order)
+
+
+MAX_LENS_ANSWERS = 10
+
+
+def _logit_lens(ex_id, value: Any, n_hidden_layers: int) -> Optional[list]:
+    """The logit lens as stored: for each hidden-state layer (0 = embeddings), up to
+    MAX_LENS_ANSWERS (answer, probability) pairs, most probable first."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != n_hidden_layers:
+        raise RecordError(ex_id, "logit_lens", f"expected one list of (answer, probability) per hidden-state layer "
+                          f"({n_hidden_layers}), got {_short(value)}")
+    layers = []
+    for layer, pairs in enumerate(value):
+        if not isinstance(pairs, (list, tuple)) or not 1 <= len(pairs) <= MAX_LENS_ANSWERS:
+            raise RecordError(ex_id, "logit_lens", f"layer {layer}: expected 1..{MAX_LENS_ANSWERS} (answer, "
+                              f"probability) pairs, got {_short(pairs)}")
+        row = []
+        for pair in pairs:
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[1], numbers.Real)
+                    or isinstance(pair[1], (bool, np.bool_)) or not 0 <= float(pair[1]) <= 1 + WEIGHT_TOLERANCE):
+                raise RecordError(ex_id, "logit_lens", f"layer {layer}: expected (answer, probability in [0, 1]), "
+                                  f"got {_short(pair)}")
+            row.append([_bounded_str(ex_id, "logit_lens", pair[0], MAX_TOKEN_CHARS), float(pair[1])])
+        layers.append(row)
+    return layers
 
 
 def _check_attention_rows(ex_id, attention: np.ndarray) -> None:

@@ -11,7 +11,7 @@ meta       ``n_layers`` ...       JSON: n_layers, n_heads, hidden_size, special_
                                   nn_tail, nn_shards
 meta       ``nn_projection``      float32 (n_layers + 1, hidden_size, nn_dim) (see neighbors.py)
 info       ``E``                  JSON: tokens, txt_len, special, coords, grid, image_size,
-                                  accuracy, prediction, text, notes, custom_metrics (names),
+                                  accuracy, prediction, text, notes, logit_lens, custom_metrics (names),
                                   attention_exp, rollout_exp, source (xxh3 of the raw pickle)
 ids        ``E``                  empty: the example ids alone, so that listing them reads a few
                                   pages (an ``info`` value is an overflow page)
@@ -168,6 +168,7 @@ class ExampleInfo:
     prediction: Optional[dict]
     text: Optional[str]
     notes: tuple[str, ...] = ()         # shown with the example (e.g. "the text was cut to ...")
+    logit_lens: Optional[list] = None   # per hidden-state layer: [[answer, probability], ...] (records.py)
     attention_exp: int = 0              # storage detail: attention is stored as float16(a * 2**exp)
     rollout_exp: int = 0                # the same for the rollout
 
@@ -629,6 +630,7 @@ class VliLmdb:
             grid=None if data["grid"] is None else tuple(data["grid"]),
             image_size=tuple(data["image_size"]), accuracy=data["accuracy"],
             prediction=data["prediction"], text=data["text"], notes=tuple(data["notes"]),
+            logit_lens=data.get("logit_lens"),
             attention_exp=data["attention_exp"], rollout_exp=data["rollout_exp"])
         with self._lock:
             self._cache[ex_id] = info
@@ -1041,6 +1043,7 @@ class VliLmdb:
                 "special": normal.special.tolist(), "coords": normal.coords, "grid": normal.grid,
                 "image_size": list(normal.image.shape[:2]), "accuracy": normal.accuracy,
                 "prediction": normal.prediction, "text": normal.text, "notes": normal.notes,
+                "logit_lens": normal.logit_lens,
                 "custom_metrics": list(normal.custom_metrics), "source": source}
         attention16, info["attention_exp"] = _scaled_float16(normal.attention)
         rollout = _as_record_error(ex_id, "attention", lambda: attention_rollout(normal.attention))

@@ -188,6 +188,8 @@ class Vilt(VL_Model):
             record["notes"] = notes
         if relevancy is not None:
             record["relevancy"] = np.ascontiguousarray(relevancy[perm][:, perm], dtype=np.float32)
+        if self.architecture == "ViltForQuestionAnswering":
+            record["logit_lens"] = self._logit_lens(out.hidden_states)
         prediction = self._prediction(out, input_ids[0])
         if prediction is not None:
             prediction["label"] = None if label is None else str(label)
@@ -237,6 +239,21 @@ class Vilt(VL_Model):
         gradients = torch.autograd.grad(score, out.attentions)
         return gradient_relevancy(torch.stack([a[0] for a in out.attentions]).detach().float().cpu().numpy(),
                                   torch.stack([g[0] for g in gradients]).float().cpu().numpy())
+
+    def _logit_lens(self, hidden_states, top: int = 5) -> list:
+        """The answers each layer's pooled token would give (nostalgebraist's logit lens for a classifier
+        head): the model's own final layernorm, pooler and classifier applied to the hidden state of
+        [CLS] after every layer; at the last layer this is exactly the model's output."""
+        single = getattr(self.config, "problem_type", None) == "single_label_classification"
+        lens = []
+        with torch.no_grad():
+            for states in hidden_states:
+                logits = self.net.classifier(self.vilt.pooler(self.vilt.layernorm(states)))[0]
+                probs = logits.softmax(-1) if single else torch.sigmoid(logits)
+                best = probs.topk(min(top, probs.numel()))
+                lens.append([[str(self.config.id2label.get(int(i), str(int(i)))), float(p)]
+                             for p, i in zip(best.values, best.indices)])
+        return lens
 
     def _prediction(self, out, input_ids):
         if self.architecture == "ViltForQuestionAnswering":
