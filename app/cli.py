@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         # Imported only when named: extraction and upgrades need neither Dash nor each other.
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-        return module.main(argv[1:])
+        return module.main(argv[1:], prog=f"{PROG} {argv[0]}")
     from app import server  # noqa: PLC0415 - after the subcommands, which do not need Dash
 
     parser = server.build_parser()

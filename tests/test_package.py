@@ -155,13 +155,15 @@ def test_cli_hands_the_arguments_to_each_module(monkeypatch, small_db):
 
     calls = []
     for module in (app.database.extract, app.database.upgrade, app.server):
-        monkeypatch.setattr(module, "main", lambda argv, name=module.__name__: calls.append((name, argv)) or 7)
+        monkeypatch.setattr(module, "main", lambda argv, name=module.__name__, prog=None:
+                            calls.append((name, argv, prog)) or 7)
     extract = ["-m", "vilt", "ckpt", "--pairs", "p.jsonl", "--out", "db"]
     assert cli.main(["extract", *extract]) == 7
     assert cli.main(["upgrade", "db1", "db2"]) == 7
     assert cli.main(["-d", small_db.path, "-p", "0", "-m", "vilt", "ckpt"]) == 7
-    assert calls == [("app.database.extract", extract), ("app.database.upgrade", ["db1", "db2"]),
-                     ("app.server", ["-d", small_db.path, "-p", "0", "-m", "vilt", "ckpt"])]
+    assert calls == [("app.database.extract", extract, "vl-interpret extract"),
+                     ("app.database.upgrade", ["db1", "db2"], "vl-interpret upgrade"),
+                     ("app.server", ["-d", small_db.path, "-p", "0", "-m", "vilt", "ckpt"], None)]
 
 
 def test_cli_from_a_checkout_points_at_its_databases(monkeypatch, tmp_path, capsys):

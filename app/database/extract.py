@@ -163,9 +163,9 @@ def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, p
     return report
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m app.database.extract") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m app.database.extract",
+        prog=prog,
         description="Run a live model over a JSON-lines file of (image, text[, label]) pairs into a database.",
     )
     parser.add_argument("-m", "--model", required=True, help="model module in app/database/models/ (e.g. vilt)")

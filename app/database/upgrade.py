@@ -179,8 +179,8 @@ def _move_pending(env, path: str) -> None:
         txn.drop(old, delete=True)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.database.upgrade", description=__doc__.splitlines()[0])
+def main(argv=None, prog: str = "python -m app.database.upgrade") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("databases", nargs="+", metavar="DB", help="database folder(s) to upgrade in place")
     args = parser.parse_args(argv)
     status = 0
