@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import textwrap
 from typing import Optional, Sequence
 
 import numpy as np
@@ -187,14 +188,22 @@ def overlay_grid(att: np.ndarray, coords: Sequence, grid: tuple[int, int]) -> np
 TRANSPARENT_SCALE = [[0.0, "rgba(0,0,0,0)"], [1.0, "rgba(0,0,0,0)"]]
 
 
-def overlay_state(z: Optional[np.ndarray], grid: tuple[int, int]) -> dict:
-    """The overlay trace's properties for attention grid ``z`` (``(rows, cols)``), or for the empty
-    state (``z=None``: an invisible zero grid that still receives clicks; NaN cells would not)."""
+def overlay_colorbar(name: str = "attention") -> dict:
+    """The overlay's colour bar, titled with what it shows (``"attention"`` or ``"rollout"``)."""
+    return dict(thickness=10, len=0.9, x=1, xanchor="left", xpad=8,
+                title=dict(text="attn" if name == "attention" else name))
+
+
+def overlay_state(z: Optional[np.ndarray], grid: tuple[int, int], name: str = "attention") -> dict:
+    """The overlay trace's properties for grid ``z`` (``(rows, cols)``) of the weights called
+    ``name`` (hover and colour bar: "attention" or "rollout"), or for the empty state (``z=None``:
+    an invisible zero grid that still receives clicks; NaN cells would not)."""
     if z is None:
         return dict(z=typed_array(np.zeros(grid, np.float32)), colorscale=TRANSPARENT_SCALE, showscale=False,
-                    zmin=0.0, zmax=1.0, hovertemplate="%{text}: click to select<extra></extra>")
+                    zmin=0.0, zmax=1.0, hovertemplate="%{text}: click to select<extra></extra>",
+                    colorbar=overlay_colorbar())
     return dict(z=typed_array(z), colorscale=ATTENTION_SCALE, showscale=True, zmin=0.0, zmax=scale_max(z),
-                hovertemplate="%{text}<br>attention %{z:.4f}<extra></extra>")
+                hovertemplate="%{text}<br>" + name + " %{z:.4f}<extra></extra>", colorbar=overlay_colorbar(name))
 
 
 def patch_tokens_grid(coords: Sequence, grid: tuple[int, int]) -> np.ndarray:
@@ -241,7 +250,6 @@ def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
             type="heatmap", name="overlay", x0=cw / 2, dx=cw, y0=ch / 2, dy=ch,
             customdata=patch_tokens_grid(coords, grid).tolist(), opacity=0.6, zsmooth=False,
             hoverongaps=True, zauto=False,
-            colorbar=dict(thickness=10, len=0.9, x=1, xanchor="left", xpad=8, title=dict(text="attn")),
             text=[[f"patch ({x}, {y})" for x in range(cols)] for y in range(rows)])
         overlay.update(overlay_state(None, grid))
         data.append(overlay)
@@ -345,6 +353,44 @@ def attention_matrix_figure(matrix: np.ndarray, q_labels: Sequence[str], k_label
         yaxis=dict(type="category", tickfont=dict(size=9), autorange="reversed", showgrid=False,
                    title=dict(text="query")),
         margin=dict(l=90, r=10, t=MODEBAR_STRIP + 30, b=90), hovermode="closest")
+    return figure(data, layout)
+
+
+# ----------------------------------------------------------------------------- attention distance
+
+DISTANCE_EMPTY = ("No mean attention distance for this example: it is measured between image patches "
+                  "attending to image patches, and this example has none (e.g. a text-only example).")
+
+
+def attention_distance_figure(distance: np.ndarray) -> go.Figure:
+    """The mean attention distance of every head against its layer, as in probing-ViTs (Dosovitskiy
+    et al. 2021, Fig. 7): one dot per head, x = layer 1..L, y = distance in pixels.
+
+    ``distance`` is ``(n_layers, n_heads)``; NaN entries (no image query attending to image keys) are
+    left out, and when every entry is NaN the figure is an empty plot that says why.
+    """
+    d = np.asarray(distance, dtype=np.float32)
+    if d.ndim != 2:
+        raise ValueError(f"distance: expected a (n_layers, n_heads) array, got shape {d.shape}")
+    n_layers = d.shape[0]
+    layers, heads = np.nonzero(np.isfinite(d))  # row-major: layer by layer, heads in order
+    values = d[layers, heads]
+    data = [dict(type="scatter", mode="markers", name="heads", x=typed_array(layers + 1), y=typed_array(values),
+                 text=[f"layer {l + 1}, head {h + 1}: {v:.1f} px" for l, h, v in zip(layers, heads, values)],
+                 hovertemplate="%{text}<extra></extra>",
+                 marker=dict(color=IMAGE_COLOR, size=8, opacity=0.75, line=dict(color="#fff", width=0.5)))]
+    # plotly does not wrap annotations: the message is broken into lines that fit a narrow column
+    annotations = [] if values.size else [dict(text="<br>".join(textwrap.wrap(DISTANCE_EMPTY, 48)), xref="paper",
+                                               yref="paper", x=0.5, y=0.5, showarrow=False,
+                                               font=dict(size=12, color="#6b7280"))]
+    top = float(values.max()) if values.size else 1.0
+    layout = _layout(
+        title=dict(text="Mean attention distance of every head", x=0.01, y=0.98, font=dict(size=13)),
+        xaxis=dict(title=dict(text="layer"), tickvals=list(range(1, n_layers + 1)), range=[0.5, n_layers + 0.5],
+                   showgrid=False, zeroline=False, visible=bool(values.size)),
+        yaxis=dict(title=dict(text="distance (pixels)"), range=[0, top * 1.08], rangemode="tozero",
+                   zeroline=False, visible=bool(values.size)),
+        margin=dict(l=56, r=10, t=36, b=44), hovermode="closest", showlegend=False, annotations=annotations)
     return figure(data, layout)
 
 

@@ -67,3 +67,8 @@ ADD_IMAGE = "add-image"  # the upload as checked in the browser: {"filename", "s
 # Attention colour scale for the text tint (helper: page/panels), sent once with the page.
 ATT_SCALE = "att-scale"  # figures.ATTENTION_SCALE, read by vli.tint
 PAGE_ERROR = "page-error"  # the banner saying what failed in the current view (e.g. a damaged example)
+
+# "Beyond raw attention" (helper: evidence views).
+ATT_METHOD = "att-method"  # what the attention panel shows: "attention" (the selected head) or "rollout"
+ATT_METHOD_HELP = "att-method-help"  # the chosen method's definition, under the switch
+DISTANCE_GRAPH = "distance-graph"  # the hidden panel's mean attention distance tab (per layer and head)

@@ -108,6 +108,16 @@ def test_app_end_to_end(dash_duo, small_db):
     shape = graph_js(dash_duo, ids.HEAD_GRAPH, "const s = gd.layout.shapes[0]; return [s.x0, s.y0];")
     assert shape == [1.5, 0.5]
 
+    # Switch to the rollout: the title, the help line and the overlay follow; then back.
+    dash_duo.find_element(f"#{ids.ATT_METHOD} input[value='rollout']").click()
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "rollout through layers 1–2 (all heads, with the residual)")
+    assert "Abnar & Zuidema 2020" in dash_duo.find_element("#" + ids.ATT_METHOD_HELP).text
+    expected = figures.overlay_grid(small_db.rollout(0, 1, [3]), info.coords, info.grid)
+    wait_until(lambda: close(overlay_z(dash_duo), expected), what="rollout overlay")
+    assert dash_duo.find_element(token_css(4)).get_attribute("title").startswith("rollout ")
+    dash_duo.find_element(f"#{ids.ATT_METHOD} input[value='attention']").click()
+    dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "layer 2, head 3")
+
     # Click an image patch: the side switches to image and the overlay shows that patch's attention.
     click_graph_point(dash_duo, ids.IMAGE_GRAPH, 15, 5)  # cell (x=1, y=0) of 10x10-pixel patches
     dash_duo.wait_for_contains_text("#" + ids.ATT_TITLE, "patch (1, 0)")

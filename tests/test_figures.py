@@ -181,3 +181,47 @@ def test_attention_matrix_title_sits_below_the_tool_bar():
     title = fig.layout.title
     assert (title.yref, title.y, title.yanchor) == ("paper", 1, "bottom")
     assert fig.layout.margin.t >= figures.MODEBAR_STRIP + title.font.size + title.pad.b
+
+
+def test_attention_distance_figure_has_one_dot_per_head_at_its_layer():
+    distance = np.array([[12.5, 30.25, 7.0], [40.0, 18.75, 22.5]], dtype=np.float32)
+    fig = figures.attention_distance_figure(distance)
+    trace = trace_json(fig, 0)
+    np.testing.assert_array_equal(decode(trace["x"]), [1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(decode(trace["y"]), distance.ravel())
+    assert trace["text"][4] == "layer 2, head 2: 18.8 px" and trace["text"][0] == "layer 1, head 1: 12.5 px"
+    assert trace["hovertemplate"] == "%{text}<extra></extra>"
+    assert list(fig.layout.xaxis.tickvals) == [1, 2] and fig.layout.annotations == ()
+    assert fig.layout.yaxis.range[0] == 0 and fig.layout.yaxis.range[1] >= 40
+
+
+def test_attention_distance_figure_skips_nan_heads():
+    distance = np.array([[np.nan, 5.0], [9.0, np.nan], [np.nan, np.nan]], dtype=np.float32)
+    fig = figures.attention_distance_figure(distance)
+    trace = trace_json(fig, 0)
+    np.testing.assert_array_equal(decode(trace["x"]), [1, 2])
+    np.testing.assert_array_equal(decode(trace["y"]), [5.0, 9.0])
+    assert trace["text"] == ["layer 1, head 2: 5.0 px", "layer 2, head 1: 9.0 px"]
+    assert list(fig.layout.xaxis.tickvals) == [1, 2, 3]  # a layer with no defined head keeps its place
+
+
+def test_attention_distance_figure_all_nan_says_why_it_is_empty():
+    fig = figures.attention_distance_figure(np.full((3, 2), np.nan, dtype=np.float32))
+    assert len(decode(trace_json(fig, 0)["y"])) == 0
+    assert [a.text.replace("<br>", " ") for a in fig.layout.annotations] == [figures.DISTANCE_EMPTY]
+    assert fig.layout.xaxis.visible is False and fig.layout.yaxis.visible is False
+
+
+def test_attention_distance_figure_refuses_a_wrong_shape():
+    with pytest.raises(ValueError, match=r"distance: expected a \(n_layers, n_heads\) array, got shape \(4,\)"):
+        figures.attention_distance_figure(np.zeros(4))
+
+
+def test_overlay_names_what_it_shows():
+    z = np.array([[0.25, 0.5]], dtype=np.float32)
+    rollout = figures.overlay_state(z, (1, 2), "rollout")
+    assert "rollout %{z:.4f}" in rollout["hovertemplate"] and rollout["colorbar"]["title"]["text"] == "rollout"
+    attention = figures.overlay_state(z, (1, 2))
+    assert "attention %{z:.4f}" in attention["hovertemplate"] and attention["colorbar"]["title"]["text"] == "attn"
+    # the empty state puts the attention's colour bar back
+    assert figures.overlay_state(None, (1, 2))["colorbar"] == attention["colorbar"]

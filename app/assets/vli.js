@@ -29,8 +29,9 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
       const id = JSON.parse(pid.slice(0, pid.lastIndexOf('.')));
       return {index: id.index, t: Date.now()};
     },
-    /* Tint every clickable token by the selection's attention to it (ATT_STORE) on the attention
-       colour scale of the figures (ATT_SCALE), 0 .. att.max, with black or white text for contrast. */
+    /* Tint every clickable token by the selection's attention (or rollout: att.name) to it (ATT_STORE)
+       on the attention colour scale of the figures (ATT_SCALE), 0 .. att.max, with black or white text
+       for contrast. */
     tint: function (att, tokenIds, scale) {
       const n = tokenIds.length;
       const styles = new Array(n), titles = new Array(n);
@@ -45,7 +46,7 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
           const rgb = vliScaleColor(scale, a);
           st.backgroundColor = `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`;
           st.color = vliTextColor(rgb);
-          title = `attention ${w.toFixed(4)}`;
+          title = `${att.name || 'attention'} ${w.toFixed(4)}`;
         }
         if (sel.has(i)) { st.outline = '2px solid #d62728'; st.outlineOffset = '1px'; }
         styles[k] = st;

@@ -1,8 +1,10 @@
-"""Hidden states and the attention matrix, as tabs (only the visible tab is computed).
+"""Hidden states, the attention matrix and the attention distance, as tabs (only the visible tab is
+computed).
 
 t-SNE tab: the map of one layer's hidden states (slider: before layer 1 … after layer L), the
 selected token marked, and the closest token of the other modality across the whole database, with
 a button that opens it. Matrix tab: the selected head's attention matrix (text→text, image→image, full).
+Distance tab: the mean attention distance of every head against its layer (stored head statistic).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dash import Input, Output, Patch, State, ctx as dctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from app import figures, ids
+from app.database.stats import STATISTICS
 from app.panels.common import (as_index, clear_drawn_selection, example_info, first_point, head_label,
                                head_selection, initial_figure, panel, selected_tokens)
 
@@ -23,6 +26,8 @@ MATRIX_KINDS = [{"label": "text → text", "value": "tt"}, {"label": "image → 
 MATRIX_NAMES = {k["value"]: k["label"] for k in MATRIX_KINDS}
 EMB = "emb"  # the layer slider's name for hidden-state layer 0 (before layer 1)
 MATRIX_TOOLS_REMOVED = ["select2d", "lasso2d", "autoScale2d", "zoomIn2d", "zoomOut2d"]  # a short tool bar
+DISTANCE_HELP = ("Each dot is a head of this example. Mean attention distance: " + STATISTICS["distance"][1]
+                 + ". Small = local heads, large = heads that look across the image.")
 
 
 def layout(ctx, ex_id):
@@ -58,8 +63,12 @@ def layout(ctx, ex_id):
         dcc.Graph(id=ids.MATRIX_GRAPH, className="matrix-graph",
                   config={"displaylogo": False, "modeBarButtonsToRemove": MATRIX_TOOLS_REMOVED}),
     ])
+    distance_tab = dcc.Tab(label="Attention distance", value="distance", children=[
+        html.P(DISTANCE_HELP, className="help"),
+        dcc.Graph(id=ids.DISTANCE_GRAPH, className="distance-graph", config={"displayModeBar": False}),
+    ])
     return panel("Hidden states and attention matrix", "Pick a view; only the visible one is computed.",
-                 dcc.Tabs(id=ids.VIEW_TABS, value="tsne", children=[tsne_tab, matrix_tab],
+                 dcc.Tabs(id=ids.VIEW_TABS, value="tsne", children=[tsne_tab, matrix_tab, distance_tab],
                           className="view-tabs"),
                  class_name="panel-hidden")
 
@@ -201,6 +210,15 @@ def register_callbacks(app, ctx):
             sub, ql, kl, qo, ko = m, labels, labels, 0, 0
         title = f"Attention matrix ({MATRIX_NAMES[kind]}) — {head_label(head_sel)}"
         return figures.attention_matrix_figure(sub, ql, kl, title, q_offset=qo, k_offset=ko)
+
+
+    @app.callback(Output(ids.DISTANCE_GRAPH, "figure"),
+                  Input(ids.EXAMPLE_SELECT, "value"), Input(ids.VIEW_TABS, "value"), prevent_initial_call=True)
+    def draw_distance(ex_id, tab):
+        if tab != "distance":
+            raise PreventUpdate
+        example_info(db, ex_id)
+        return figures.attention_distance_figure(db.head_statistics(ex_id)["distance"])
 
 
 def _tsne_ready(db, ready) -> tuple:

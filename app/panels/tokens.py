@@ -1,6 +1,7 @@
 """Text tokens and the image: pick the query tokens (text tokens, image patches or the image's special
-tokens) and see their attention, for the selected head, tinted on every text token and as a heatmap
-over the image. Also the play button that steps through the text tokens.
+tokens) and see what they draw on, tinted on every text token and as a heatmap over the image: the
+selected head's attention, or the attention rollout through the layers up to the selected one
+(``ATT_METHOD``). Also the play button that steps through the text tokens.
 
 State: ``SEL_STORE`` = {"ex": id, "tokens": [...]} (the queries), ``HEAD_STORE`` (heads panel).
 The image figure is built once per example (layout image); afterwards only its overlay is patched.
@@ -22,6 +23,15 @@ HINT = "Click a text token or an image patch to see its attention"
 PAD = "[PAD]"
 SIDES = ("text", "image")
 LEGEND_STYLE = {"background": figures.css_gradient(figures.ATTENTION_SCALE)}
+# What the panel shows for the selection: value -> (switch label, definition shown under the switch).
+METHODS = {
+    "attention": ("attention", "The selected head's weights (or its layer's mean of heads) "
+                               "from the selected tokens to every token."),
+    "rollout": ("rollout", "Â = 0.5·mean of heads + 0.5·I per layer, rows renormalised, multiplied "
+                           "from the first layer up (Abnar & Zuidema 2020): what the token draws on from every "
+                           "input token."),
+}
+DEFAULT_METHOD = "attention"
 
 
 def play_label(playing: bool) -> list:
@@ -40,14 +50,18 @@ def layout(ctx, ex_id):
         "(image): their attention to every token is shown, for the head selected in the head summary. "
         "Several patches are averaged.",
         html.Div([
-            html.Span("Select from:", className="label"),
+            html.Span("Select:", className="label"),
             dcc.RadioItems(id=ids.SIDE, options=[{"label": " text", "value": "text"},
                                                  {"label": " image", "value": "image"}],
                            value="text", inline=True, className="side-switch"),
             html.Button(play_label(False), id=ids.PLAY, className="btn play-btn",
                         title="step through the text tokens"),
             html.Button("Clear", id=ids.CLEAR_SELECTION, className="btn", title="clear the selection"),
+            dcc.RadioItems(id=ids.ATT_METHOD, options=[{"label": f" {label}", "value": value}
+                                                       for value, (label, _) in METHODS.items()],
+                           value=DEFAULT_METHOD, inline=True, className="side-switch method-switch"),
         ], className="controls"),
+        html.P(METHODS[DEFAULT_METHOD][1], id=ids.ATT_METHOD_HELP, className="help method-help"),
         html.Div(HINT, id=ids.ATT_TITLE, className="att-title"),
         html.Div(segments, id=ids.TEXT_TOKENS, className="text-tokens"),
         html.Div([
@@ -129,6 +143,31 @@ def example_view(db, ex_id: int, opacity: float, smooth: list) -> tuple:
 
 def empty_selection(ex_id) -> dict:
     return {"ex": ex_id, "tokens": []}
+
+
+def attention_method(value) -> str:
+    """An ATT_METHOD value sent by the browser: one of METHODS' keys, else the update is refused."""
+    if not isinstance(value, str) or value not in METHODS:
+        raise PreventUpdate
+    return value
+
+
+def method_label(method: str, head_sel: dict) -> str:
+    """What the title says is shown: "layer 3, head 2" (attention) or "rollout through layers 1–3
+    (all heads, with the residual)"."""
+    if method == "attention":
+        return head_label(head_sel)
+    layers = "layer 1" if head_sel["layer"] == 0 else f"layers 1–{head_sel['layer'] + 1}"
+    return f"rollout through {layers} (all heads, with the residual)"
+
+
+def selection_weights(db, ex_id: int, method: str, head_sel: dict, tokens: list) -> np.ndarray:
+    """float32 (n_tokens,): the method's weights from the selected tokens (their rows averaged)."""
+    if method == "rollout":
+        weights = db.rollout(ex_id, head_sel["layer"], tokens)
+    else:
+        weights = db.attention(ex_id, head_sel["layer"], head_sel["head"], tokens)
+    return np.asarray(weights, dtype=np.float32)
 
 
 def register_callbacks(app, ctx):
@@ -222,16 +261,22 @@ def register_callbacks(app, ctx):
             return answer([nxt], "text", playing=False if nxt == n_text - 1 else None, clear=False)
         raise PreventUpdate
 
+    @app.callback(Output(ids.ATT_METHOD_HELP, "children"), Input(ids.ATT_METHOD, "value"),
+                  prevent_initial_call=True)
+    def show_method_help(method):
+        return METHODS[attention_method(method)][1]
+
     @app.callback(Output(ids.ATT_STORE, "data"), Output(ids.IMAGE_GRAPH, "figure", allow_duplicate=True),
                   Output(ids.ATT_TITLE, "children"),
                   Input(ids.SEL_STORE, "data"), Input(ids.HEAD_STORE, "data"), Input(ids.EXAMPLE_READY, "data"),
-                  State(ids.ATT_TITLE, "children"), prevent_initial_call=True)
-    def show_attention(sel, head_sel, ready, shown_title):
-        """Attention of the selected queries (one read of just those rows) to every token."""
+                  Input(ids.ATT_METHOD, "value"), State(ids.ATT_TITLE, "children"), prevent_initial_call=True)
+    def show_attention(sel, head_sel, ready, method, shown_title):
+        """The selected queries' attention, or rollout (one read of just those rows), to every token."""
         if ready is None or not head_sel:
             raise PreventUpdate
         info = example_info(db, ready)
         head_sel = head_selection(db, head_sel)
+        method = attention_method(method)
         patch = Patch()
         tokens = selected_tokens(sel, ready, info.n_tokens)
         if not tokens:
@@ -246,12 +291,11 @@ def register_callbacks(app, ctx):
                     patch["data"][0][key] = value
             patch["layout"]["shapes"] = []
             return None, patch, HINT
-        att = db.attention(ready, head_sel["layer"], head_sel["head"], tokens)
-        att = np.asarray(att, dtype=np.float32)
+        att = selection_weights(db, ready, method, head_sel, tokens)
         image_max = None
         if info.grid:
             grid = figures.overlay_grid(att, info.coords, info.grid)
-            state = figures.overlay_state(grid, info.grid)
+            state = figures.overlay_state(grid, info.grid, method)
             image_max = state["zmax"]
             for key, value in state.items():
                 patch["data"][0][key] = value
@@ -263,11 +307,12 @@ def register_callbacks(app, ctx):
         shown = att[:n_chips]
         plain = ~np.asarray(info.special[:n_chips], dtype=bool)
         scale = figures.scale_max(shown[plain] if plain.any() else shown)
-        store = {"w": np.round(shown.astype(np.float64), 4).tolist(), "max": scale, "sel": tokens}
+        store = {"w": np.round(shown.astype(np.float64), 4).tolist(), "max": scale, "sel": tokens, "name": method}
         labels = figures.token_labels(info.tokens, info.coords)
         what = f"‘{labels[tokens[0]]}’" if len(tokens) == 1 else f"{len(tokens)} tokens (averaged)"
         ranges = f"text 0 – {scale:.3g}" + (f", image 0 – {image_max:.3g}" if image_max is not None else "")
-        title = [f"Attention from {what} — ", html.B(head_label(head_sel)),
+        title = [f"Attention from {what} — " if method == "attention" else f"From {what} — ",
+                 html.B(method_label(method, head_sel)),
                  html.Span([" · colour ", html.Span(className="tint-legend", style=LEGEND_STYLE),
                             f" low → high: {ranges} (hover for values)"], className="muted")]
         return store, patch, title
