@@ -196,7 +196,7 @@ def overlay_colorbar(name: str = "attention") -> dict:
 
 def overlay_state(z: Optional[np.ndarray], grid: tuple[int, int], name: str = "attention") -> dict:
     """The overlay trace's properties for grid ``z`` (``(rows, cols)``) of the weights called
-    ``name`` (hover and colour bar: "attention" or "rollout"), or for the empty state (``z=None``:
+    ``name`` (hover and colour bar: "attention", "rollout" or "relevancy"), or for the empty state (``z=None``:
     an invisible zero grid that still receives clicks; NaN cells would not)."""
     if z is None:
         return dict(z=typed_array(np.zeros(grid, np.float32)), colorscale=TRANSPARENT_SCALE, showscale=False,

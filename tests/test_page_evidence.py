@@ -122,7 +122,7 @@ def test_the_help_line_defines_the_chosen_method(page):
         assert status == 200 and expected in resp[ids.ATT_METHOD_HELP]["children"]
 
 
-@pytest.mark.parametrize("method", ["Rollout", "", "relevancy", None, 1, True, ["rollout"], {"m": "rollout"}])
+@pytest.mark.parametrize("method", ["Rollout", "", "gradient", None, 1, True, ["rollout"], {"m": "rollout"}])
 def test_crafted_methods_are_refused(page, method):
     for trigger in (METHOD, SEL):
         status, *_ = show(page, method, [TEXT_TOKEN], trigger=trigger)
@@ -178,3 +178,23 @@ def test_the_distance_is_computed_only_when_its_tab_is_visible(page, monkeypatch
                               {TABS: tab, f"{ids.EXAMPLE_SELECT}.value": 1})
         assert status == NO_UPDATE
     assert reads == []
+
+
+def test_relevancy_shows_the_stored_relevancy_and_says_when_there_is_none(tmp_path, page, small_db):
+    status, store, patch, title = show(page, "relevancy", [TEXT_TOKEN], {"layer": 0, "head": None})
+    assert status == 200 and store is None and "has no gradient relevancy" in title  # small_db's records have none
+    from helpers import make_db, make_record
+    record = make_record(0, grid=(2, 3))
+    n = len(record["tokens"])
+    record["relevancy"] = np.eye(n) + np.random.default_rng(1).random((n, n))
+    db, _ = make_db(tmp_path / "with-relevancy", [record])
+    page = Page(create_app(db))
+    status, store, patch, title = show(page, "relevancy", [1, 2], {"layer": 0, "head": None})
+    assert status == 200 and store["name"] == "relevancy" and "gradient relevancy for the prediction" in title
+    expected = record["relevancy"][[1, 2]].mean(axis=0)  # make_record's patches are already row-major
+    np.testing.assert_allclose(store["w"], expected[:len(store["w"])], atol=5e-5)
+    z = decode(patched(patch, "data", 0, "z"))
+    info = db.example(0)
+    np.testing.assert_allclose(z, figures.overlay_grid(expected.astype(np.float32), info.coords, info.grid),
+                               rtol=1e-6)
+    db.close()

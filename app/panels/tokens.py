@@ -8,6 +8,8 @@ The image figure is built once per example (layout image); afterwards only its o
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from dash import ALL, ClientsideFunction, Input, Output, Patch, State, ctx as dctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
@@ -30,7 +32,12 @@ METHODS = {
     "rollout": ("rollout", "Â = 0.5·mean of heads + 0.5·I per layer, rows renormalised, multiplied "
                            "from the first layer up (Abnar & Zuidema 2020): what the token draws on from every "
                            "input token."),
+    "relevancy": ("relevancy", "R = I, then R ← R + mean of heads((∇A ⊙ A)⁺)·R layer by layer, with the "
+                               "gradients of the model's prediction (Chefer et al. 2021): what the prediction "
+                               "uses, through these tokens. All layers and heads."),
 }
+NO_RELEVANCY = ("This example has no gradient relevancy: its record did not bring one (the ViLT adapter "
+                "computes it for VQA and retrieval heads).")
 DEFAULT_METHOD = "attention"
 
 
@@ -157,14 +164,21 @@ def method_label(method: str, head_sel: dict) -> str:
     (all heads, with the residual)"."""
     if method == "attention":
         return head_label(head_sel)
+    if method == "relevancy":
+        return "gradient relevancy for the prediction (all layers and heads)"
     layers = "layer 1" if head_sel["layer"] == 0 else f"layers 1–{head_sel['layer'] + 1}"
     return f"rollout through {layers} (all heads, with the residual)"
 
 
-def selection_weights(db, ex_id: int, method: str, head_sel: dict, tokens: list) -> np.ndarray:
-    """float32 (n_tokens,): the method's weights from the selected tokens (their rows averaged)."""
+def selection_weights(db, ex_id: int, method: str, head_sel: dict, tokens: list) -> Optional[np.ndarray]:
+    """float32 (n_tokens,): the method's weights from the selected tokens (their rows averaged); None
+    for relevancy when the example has none."""
     if method == "rollout":
         weights = db.rollout(ex_id, head_sel["layer"], tokens)
+    elif method == "relevancy":
+        weights = db.relevancy(ex_id, tokens)
+        if weights is None:
+            return None
     else:
         weights = db.attention(ex_id, head_sel["layer"], head_sel["head"], tokens)
     return np.asarray(weights, dtype=np.float32)
@@ -292,6 +306,11 @@ def register_callbacks(app, ctx):
             patch["layout"]["shapes"] = []
             return None, patch, HINT
         att = selection_weights(db, ready, method, head_sel, tokens)
+        if att is None:  # nothing to show for this method: clear what was shown, and say why
+            if info.grid:
+                for key, value in figures.overlay_state(None, info.grid).items():
+                    patch["data"][0][key] = value
+            return None, patch, NO_RELEVANCY
         image_max = None
         if info.grid:
             grid = figures.overlay_grid(att, info.coords, info.grid)
