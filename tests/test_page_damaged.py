@@ -13,8 +13,11 @@ def _damaged_db(tmp_path, damaged: int):
     writer, _ = make_db(path, [make_record(i, text=f"caption number {i}") for i in range(3)])
     writer.close()
     data = bytearray((path / "data.mdb").read_bytes())
-    at = data.find(f"caption number {damaged}".encode())
-    data[at + 2] ^= 0x20
+    needle = f"caption number {damaged}".encode()
+    at = data.find(needle)
+    while at >= 0:  # every copy: free pages may hold stale ones, the live value is among them
+        data[at + 2] ^= 0x20
+        at = data.find(needle, at + 1)
     (path / "data.mdb").write_bytes(bytes(data))
     return VliLmdb(path)
 

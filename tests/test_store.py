@@ -348,3 +348,35 @@ def test_nearest_token_is_exact_against_brute_force(tmp_path):
                     best = (cosine, other, k)
         assert (got.ex_id, got.token) == best[1:] and got.similarity == pytest.approx(best[0], abs=1e-5)
     db.close()
+
+
+def test_import_example_copies_every_value_and_indexes_it(tmp_path):
+    """What merging shards relies on: an imported example reads back exactly as in its source."""
+    records = _records()
+    source, _ = make_db(tmp_path / "source", records)
+    target, _ = make_db(tmp_path / "target", [make_record(5, text_tokens=["[CLS]", "a", "b", "[SEP]"],
+                                                          grid=(2, 3), image_cls=True)])
+    assert target.import_example(source, 0) == 0 and target.import_example(source, 1, new_id=7) == 7
+    with pytest.raises(RecordError, match="already in the database"):
+        target.import_example(source, 0)
+    for old, new in ((0, 0), (1, 7)):
+        a, b = source.example(old), target.example(new)
+        assert (a.tokens, a.coords, a.grid, a.text, a.prediction, a.accuracy, a.notes) == \
+            (b.tokens, b.coords, b.grid, b.text, b.prediction, b.accuracy, b.notes)
+        assert source.image_png(old) == target.image_png(new)
+        for layer in range(2):
+            np.testing.assert_array_equal(source.attention_matrix(old, layer, None), target.attention_matrix(new, layer, None))
+            np.testing.assert_array_equal(source.rollout(old, layer, [1]), target.rollout(new, layer, [1]))
+        np.testing.assert_array_equal(source.hidden_states(old, 2), target.hidden_states(new, 2))
+        np.testing.assert_array_equal(source.tsne(old, 1), target.tsne(new, 1))
+        for name, values in source.head_statistics(old).items():
+            np.testing.assert_array_equal(values, target.head_statistics(new)[name])
+    assert target.metric_description("mine") == "layer x 2 + head"
+    assert target.example_ids() == [0, 5, 7]
+    neighbor = target.nearest_other_modality(7, 1, 1)  # the copy is searchable
+    assert neighbor is not None and neighbor.ex_id in (0, 5, 7)
+    other = VliLmdb(tmp_path / "other", read_only=False)
+    other.add_record(make_record(0, n_layers=3))
+    with pytest.raises(RecordError, match="layers"):
+        other.import_example(source, 1, new_id=9)
+    source.close(), target.close(), other.close()

@@ -95,11 +95,14 @@ def test_an_interrupted_run_is_noticed_and_its_raw_record_cleared(tmp_path, monk
 
 
 def _flip(path, needle: bytes, offset: int = 0):
-    """Flip one byte of the first occurrence of ``needle`` in the data file."""
+    """Flip one byte of every occurrence of ``needle`` in the data file (free pages may hold stale
+    copies of a value: the live one is among them)."""
     data = bytearray((path / "data.mdb").read_bytes())
     at = data.find(needle)
     assert at >= 0
-    data[at + offset] ^= 0x20
+    while at >= 0:
+        data[at + offset] ^= 0x20
+        at = data.find(needle, at + 1)
     (path / "data.mdb").write_bytes(bytes(data))
 
 

@@ -202,10 +202,25 @@ class PreprocessReport:
 
 
 @dataclass
+class _Shape:
+    """What committing an example needs to know of it besides its values."""
+
+    ex_id: int
+    n_layers: int
+    n_heads: int
+    hidden_size: int
+    txt_len: int
+    special: np.ndarray              # (n,) bool
+    hidden16: np.ndarray             # (L + 1, n, d) float16 as stored: to index it under another projection
+    custom_metrics: list[str]
+    metric_descriptions: dict[str, str]
+
+
+@dataclass
 class _Prepared:
     """Everything one example writes, computed outside the write transaction."""
 
-    record: Record
+    example: _Shape
     key: Optional[bytes]               # pending key, None for add_record
     source: Optional[str]              # xxh3 of the pending raw pickle, None for add_record
     values: dict[bytes, dict[bytes, bytes]]  # sub-db -> key -> value
@@ -872,6 +887,65 @@ class VliLmdb:
         self._commit(prepared)
         return normal.ex_id
 
+    def import_example(self, source: "VliLmdb", ex_id: int, new_id: Optional[int] = None) -> int:
+        """Copy example ``ex_id`` of the database ``source`` into this one as ``new_id`` (default: the
+        same id), every stored value as it is (each checked on the way), the nearest-token index entries
+        computed for this database's projection; return the id. For merging databases (shards of one
+        extraction): nothing is recomputed, so the copy equals the original. Raises RecordError when the id
+        is taken or the model's shape differs; CorruptValueError when a value of the source is damaged."""
+        ex_id = int(ex_id)
+        new_id = ex_id if new_id is None else int(new_id)
+        info = dict(json.loads(bytes(source._read_value("info", _ekey(ex_id), ex_id, "description"))))
+        dims = (source.n_layers, source.n_heads, source.hidden_size)
+        mine = self._expected_dims()
+        if mine is not None and tuple(mine) != dims:
+            raise RecordError(new_id, "attention", f"the source database's model has {dims[0]} layers, {dims[1]} "
+                              f"heads, hidden size {dims[2]}; this one {mine[0]}, {mine[1]}, {mine[2]}")
+        layers = range(dims[0])
+        copied = {b"image": {_ekey(new_id): source._read_value("image", _ekey(ex_id), ex_id, "image")},
+                  b"tsne": {_ekey(new_id): source._read_value("tsne", _ekey(ex_id), ex_id, "t-SNE maps")},
+                  b"stats": {_ekey(new_id): source._read_value("stats", _ekey(ex_id), ex_id, "head statistics")},
+                  b"attention": {_lkey(new_id, l): source._read_value("attention", _lkey(ex_id, l), ex_id,
+                                                                    f"attention of layer {l}") for l in layers},
+                  b"rollout": {_lkey(new_id, l): source._read_value("rollout", _lkey(ex_id, l), ex_id,
+                                                                  f"rollout up to layer {l}") for l in layers},
+                  b"hidden": {_lkey(new_id, l): source._read_value("hidden", _lkey(ex_id, l), ex_id,
+                                                                 f"hidden states of layer {l}")
+                              for l in range(dims[0] + 1)},
+                  b"relevancy": {}}
+        try:
+            copied[b"relevancy"][_ekey(new_id)] = source._read_value("relevancy", _ekey(ex_id), ex_id, "relevancy")
+        except KeyError:  # the example has none
+            pass
+        n = len(info["tokens"])
+        hidden16 = np.stack([np.frombuffer(copied[b"hidden"][_lkey(new_id, l)], "<f2").reshape(n, -1)
+                             for l in range(dims[0] + 1)])
+        special = np.array(info["special"], dtype=bool)
+        info["ex_id"] = new_id
+        copied[b"info"] = {_ekey(new_id): json.dumps(info).encode()}
+        copied[b"ids"] = {_ekey(new_id): b""}
+        with self._read() as txn:
+            raw = txn.get(b"nn_projection", db=self._dbs["meta"])
+            projection_bytes = None if raw is None else bytes(open_value(raw, "the nearest-token projection"))
+        if projection_bytes is None:
+            projection = neighbors.make_projection(hidden16, special)
+            projection_bytes = projection.astype("<f4").tobytes()
+        else:
+            projection = np.frombuffer(projection_bytes, dtype="<f4").reshape(dims[0] + 1, dims[2], -1)
+        copied[b"nn"] = neighbors.example_entries(new_id, hidden16, info["txt_len"], special, projection)
+        descriptions = {name: source.metric_description(name) for name in info["custom_metrics"]}
+        shape = _Shape(ex_id=new_id, n_layers=dims[0], n_heads=dims[1], hidden_size=dims[2], txt_len=info["txt_len"],
+                       special=special, hidden16=hidden16, custom_metrics=list(info["custom_metrics"]),
+                       metric_descriptions={k: v for k, v in descriptions.items() if v is not None})
+        self._commit(_Prepared(example=shape, key=None, source=info.get("source"), values=copied,
+                               projection=projection_bytes, seconds={}))
+        return new_id
+
+    def _read_value(self, name: str, key: bytes, ex_id: int, what: str) -> bytes:
+        """A copy of one checked value of example ``ex_id`` (KeyError when absent)."""
+        with self._read() as txn:
+            return bytes(self._get(txn, name, key, ex_id, what))
+
     def preprocess(self, progress: bool = True) -> PreprocessReport:
         """Validate and convert every pending record (see PreprocessReport); bad ones stay pending.
 
@@ -923,7 +997,7 @@ class VliLmdb:
                         t = time.perf_counter()
                         self._commit(result)
                         stages["write"] += time.perf_counter() - t
-                        report.added.append(result.record.ex_id)
+                        report.added.append(result.example.ex_id)
                     except RecordError as error:
                         result = error
                 elif isinstance(result, int):
@@ -1063,13 +1137,16 @@ class VliLmdb:
             b"nn": nn_values,
         }
         seconds["encode"] = time.perf_counter() - t
-        return _Prepared(record=normal, key=key, source=source, values=values, projection=projection_bytes,
+        shape = _Shape(ex_id=ex_id, n_layers=normal.n_layers, n_heads=normal.n_heads, hidden_size=normal.hidden_size,
+                       txt_len=normal.txt_len, special=normal.special, hidden16=hidden16,
+                       custom_metrics=list(normal.custom_metrics), metric_descriptions=normal.metric_descriptions)
+        return _Prepared(example=shape, key=key, source=source, values=values, projection=projection_bytes,
                          seconds=seconds)
 
     def _commit(self, prepared: _Prepared) -> None:
         """Write one prepared example in one transaction (all or nothing); then clear its pending
         raw record (a crash in between is noticed by the next preprocess() from info's source)."""
-        normal, ex_id = prepared.record, prepared.record.ex_id
+        normal, ex_id = prepared.example, prepared.example.ex_id
         with self._write() as txn:
             dims = (self._meta("n_layers", txn), self._meta("n_heads", txn), self._meta("hidden_size", txn))
             if dims[0] is not None:
@@ -1093,10 +1170,8 @@ class VliLmdb:
             if stored_projection != prepared.projection:  # another example set it meanwhile
                 projection = np.frombuffer(stored_projection, dtype="<f4").reshape(
                     normal.n_layers + 1, normal.hidden_size, -1)
-                stored_hidden = np.clip(normal.hidden_states, -FLOAT16_MAX, FLOAT16_MAX).astype("<f2").astype(
-                    np.float32)
                 prepared.values[b"nn"] = neighbors.example_entries(
-                    ex_id, stored_hidden, normal.txt_len, normal.special, projection)
+                    ex_id, normal.hidden16, normal.txt_len, normal.special, projection)
             if txn.get(_ekey(ex_id), db=self._dbs["info"]) is not None:
                 raise RecordError(ex_id, "ex_id", f"example {ex_id} is already in the database "
                                   f"(use db.reserve_example_id() for a new id, or discard_pending({ex_id!r}))")
