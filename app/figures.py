@@ -394,6 +394,36 @@ def attention_distance_figure(distance: np.ndarray) -> go.Figure:
     return figure(data, layout)
 
 
+def logit_lens_figure(lens: Sequence[Sequence], n_layers: int) -> go.Figure:
+    """The logit lens of a classifier head: for every hidden-state layer (emb, 1..L), the answers the
+    model's own head would give from that layer's pooled token, most probable first.
+
+    ``lens``: per hidden-state layer, ``[[answer, probability], ...]`` (records.py). A heatmap: rows
+    are layers (emb at the top), columns the rank, colour the probability, each cell labelled with its
+    answer and probability.
+    """
+    if len(lens) != n_layers + 1:
+        raise ValueError(f"logit lens: expected {n_layers + 1} layers (emb and 1..{n_layers}), got {len(lens)}")
+    ranks = max(len(row) for row in lens)
+    probs = np.full((len(lens), ranks), np.nan, np.float32)
+    labels = [["" for _ in range(ranks)] for _ in lens]
+    for layer, row in enumerate(lens):
+        for rank, (answer, probability) in enumerate(row):
+            probs[layer, rank] = probability
+            labels[layer][rank] = f"{answer}<br>{probability:.2f}"
+    names = ["emb"] + [str(layer) for layer in range(1, n_layers + 1)]
+    data = [dict(type="heatmap", z=typed_array(probs), x=[f"#{r + 1}" for r in range(ranks)], y=names,
+                 text=labels, texttemplate="%{text}", colorscale=ATTENTION_SCALE, zmin=0.0, zmax=1.0,
+                 colorbar=dict(thickness=10, title=dict(text="p")), xgap=1, ygap=1,
+                 hovertemplate="layer %{y}, rank %{x}: %{text}<extra></extra>")]
+    layout = _layout(
+        title=dict(text="Logit lens: the answers of each layer's pooled token", x=0.01, y=0.98, font=dict(size=13)),
+        xaxis=dict(title=dict(text="rank"), side="top", showgrid=False, fixedrange=True),
+        yaxis=dict(title=dict(text="layer"), type="category", autorange="reversed", showgrid=False, fixedrange=True),
+        margin=dict(l=56, r=10, t=64, b=10), hovermode="closest")
+    return figure(data, layout)
+
+
 # ----------------------------------------------------------------------------- thumbnails
 
 def thumbnail_jpeg(image: np.ndarray, coord: Optional[tuple[int, int]], grid: Optional[tuple[int, int]],

@@ -72,3 +72,5 @@ PAGE_ERROR = "page-error"  # the banner saying what failed in the current view (
 ATT_METHOD = "att-method"  # what the attention panel shows: "attention" (the selected head) or "rollout"
 ATT_METHOD_HELP = "att-method-help"  # the chosen method's definition, under the switch
 DISTANCE_GRAPH = "distance-graph"  # the hidden panel's mean attention distance tab (per layer and head)
+LENS_GRAPH = "lens-graph"  # the logit lens tab: answers per layer
+LENS_NOTE = "lens-note"  # why an example has no logit lens

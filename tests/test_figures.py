@@ -225,3 +225,14 @@ def test_overlay_names_what_it_shows():
     assert "attention %{z:.4f}" in attention["hovertemplate"] and attention["colorbar"]["title"]["text"] == "attn"
     # the empty state puts the attention's colour bar back
     assert figures.overlay_state(None, (1, 2))["colorbar"] == attention["colorbar"]
+
+
+def test_logit_lens_figure_lays_the_answers_out_by_layer_and_rank():
+    lens = [[["a", 0.5]], [["b", 0.7], ["a", 0.2]]]
+    fig = figures.logit_lens_figure(lens, n_layers=1)
+    trace = fig.data[0]
+    z = np.frombuffer(base64.b64decode(trace.z["bdata"]), np.float32).reshape(2, 2)
+    np.testing.assert_allclose(z, [[0.5, np.nan], [0.7, 0.2]])
+    assert list(trace.y) == ["emb", "1"] and trace.text[1][1] == "a<br>0.20"
+    with pytest.raises(ValueError, match="expected 3 layers"):
+        figures.logit_lens_figure(lens, n_layers=2)

@@ -198,3 +198,20 @@ def test_relevancy_shows_the_stored_relevancy_and_says_when_there_is_none(tmp_pa
     np.testing.assert_allclose(z, figures.overlay_grid(expected.astype(np.float32), info.coords, info.grid),
                                rtol=1e-6)
     db.close()
+
+
+def test_logit_lens_tab_shows_the_stored_lens_and_says_when_there_is_none(tmp_path, page):
+    status, resp = page.post(f"{ids.LENS_GRAPH}.figure", TABS, {TABS: "lens", f"{ids.EXAMPLE_SELECT}.value": 0})
+    assert status == 200 and "no logit lens" in resp[ids.LENS_NOTE]["children"]
+    from helpers import make_db, make_record
+    lens = [[["red", 0.4], ["blue", 0.3]], [["red", 0.6], ["green", 0.2]], [["blue", 0.9], ["red", 0.05]]]
+    db, _ = make_db(tmp_path / "lens", [make_record(0, logit_lens=lens)])
+    page = Page(create_app(db))
+    status, resp = page.post(f"{ids.LENS_GRAPH}.figure", TABS, {TABS: "lens", f"{ids.EXAMPLE_SELECT}.value": 0})
+    assert status == 200 and resp[ids.LENS_NOTE]["children"] == ""
+    trace = resp[ids.LENS_GRAPH]["figure"]["data"][0]
+    np.testing.assert_allclose(decode(trace["z"]), [[p for _, p in row] for row in lens])
+    assert trace["y"] == ["emb", "1", "2"] and trace["text"][2][0] == "blue<br>0.90"
+    status, _ = page.post(f"{ids.LENS_GRAPH}.figure", TABS, {TABS: "lens", f"{ids.EXAMPLE_SELECT}.value": -1})
+    assert status == NO_UPDATE
+    db.close()

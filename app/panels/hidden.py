@@ -26,6 +26,10 @@ MATRIX_KINDS = [{"label": "text → text", "value": "tt"}, {"label": "image → 
 MATRIX_NAMES = {k["value"]: k["label"] for k in MATRIX_KINDS}
 EMB = "emb"  # the layer slider's name for hidden-state layer 0 (before layer 1)
 MATRIX_TOOLS_REMOVED = ["select2d", "lasso2d", "autoScale2d", "zoomIn2d", "zoomOut2d"]  # a short tool bar
+LENS_HELP = ("The model's own final norm, pooler and answer head applied to the pooled token's hidden state "
+             "after every layer (a logit lens): when the answer forms. At the last layer it is the model's "
+             "answer.")
+NO_LENS = "This example has no logit lens: its record did not bring one (the ViLT adapter stores it for VQA heads)."
 DISTANCE_HELP = ("Each dot is a head of this example. Mean attention distance: " + STATISTICS["distance"][1]
                  + ". Small = local heads, large = heads that look across the image.")
 
@@ -67,8 +71,13 @@ def layout(ctx, ex_id):
         html.P(DISTANCE_HELP, className="help"),
         dcc.Graph(id=ids.DISTANCE_GRAPH, className="distance-graph", config={"displayModeBar": False}),
     ])
+    lens_tab = dcc.Tab(label="Logit lens", value="lens", children=[
+        html.P(LENS_HELP, className="help"),
+        html.Div(id=ids.LENS_NOTE, className="help"),
+        dcc.Graph(id=ids.LENS_GRAPH, className="lens-graph", config={"displayModeBar": False}),
+    ])
     return panel("Hidden states and attention matrix", "Pick a view; only the visible one is computed.",
-                 dcc.Tabs(id=ids.VIEW_TABS, value="tsne", children=[tsne_tab, matrix_tab, distance_tab],
+                 dcc.Tabs(id=ids.VIEW_TABS, value="tsne", children=[tsne_tab, matrix_tab, distance_tab, lens_tab],
                           className="view-tabs"),
                  class_name="panel-hidden")
 
@@ -219,6 +228,21 @@ def register_callbacks(app, ctx):
             raise PreventUpdate
         example_info(db, ex_id)
         return figures.attention_distance_figure(db.head_statistics(ex_id)["distance"])
+
+    register_lens(app, db)
+
+
+def register_lens(app, db) -> None:
+    @app.callback(Output(ids.LENS_GRAPH, "figure"), Output(ids.LENS_NOTE, "children"),
+                  Input(ids.EXAMPLE_SELECT, "value"), Input(ids.VIEW_TABS, "value"), prevent_initial_call=True)
+    def draw_lens(ex_id, tab):
+        """The logit lens tab (drawn only when visible)."""
+        if tab != "lens":
+            raise PreventUpdate
+        lens = example_info(db, ex_id).logit_lens
+        if not lens:
+            return {}, NO_LENS
+        return figures.logit_lens_figure(lens, db.n_layers), ""
 
 
 def _tsne_ready(db, ready) -> tuple:
