@@ -13,15 +13,19 @@ validates the record before writing anything. Any exception (the image is unread
 raises, the record is invalid) ends the job in state "error" with a one-line message, and the
 database is unchanged. The page polls :meth:`JobRunner.status` with a ``dcc.Interval``.
 
-Jobs live in the memory of the server process that ran them: with a live model, serve the app from
-one process (``run_app.py``, or ``gunicorn -w 1 --threads 8``); the database itself is safe to write
-from several processes (LMDB's write lock; ``reserve_example_id`` is atomic).
+A job's state is a small JSON file in ``DB/jobs/`` (:class:`JobBoard`, written atomically), not
+process memory, so that with several server processes (``gunicorn -w 4``, each with the model loaded)
+the page's poll may be answered by any of them: the job runs in the process that took the request,
+and every process reads its state from the same file. The database itself is safe to write from
+several processes (LMDB's write lock; ``reserve_example_id`` is atomic).
 """
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -86,12 +90,55 @@ log = logging.getLogger(__name__)
 log.addFilter(BOUNDED_LOG_RECORDS)
 
 
+class JobBoard:
+    """Job states as JSON files in one folder, shared by every server process on a database.
+
+    A file is replaced atomically (written beside, then renamed), so a reader sees the old state or
+    the new one, never half of one. Finished jobs beyond ``keep`` (the oldest first) are removed."""
+
+    NAME = re.compile(r"job-\d+-\d+-[0-9a-f]{12}")  # the ids JobRunner makes: safe as file names
+
+    def __init__(self, folder: str, keep: int = 200):
+        self.folder, self.keep = folder, keep
+        os.makedirs(folder, exist_ok=True)
+
+    def write(self, job_id: str, state: dict) -> None:
+        path = os.path.join(self.folder, job_id + ".json")
+        scratch = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(scratch, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+        os.replace(scratch, path)
+
+    def read(self, job_id) -> dict | None:
+        """The state of ``job_id`` (a value the page sends: anything not shaped like an id is None)."""
+        if not isinstance(job_id, str) or not self.NAME.fullmatch(job_id):
+            return None
+        try:
+            with open(os.path.join(self.folder, job_id + ".json"), encoding="utf-8") as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def forget_old(self) -> None:
+        finished = []
+        for name in os.listdir(self.folder):
+            if name.endswith(".json"):
+                state = self.read(name[:-5])
+                if state is not None and state["state"] in FINISHED:
+                    finished.append((state.get("finished", 0), name))
+        for _, name in sorted(finished)[: max(0, len(finished) - self.keep)]:
+            try:
+                os.unlink(os.path.join(self.folder, name))
+            except FileNotFoundError:  # another process removed it first
+                pass
+
+
 class JobRunner:
     """Runs live adds in 1-2 worker threads; see the module docstring.
 
     ``db``: a writable ``VliLmdb`` (``reserve_example_id``, ``add_record``).
     ``model``: a ``VL_Model``.
-    ``keep``: how many finished jobs to remember for :meth:`status`.
+    ``keep``: how many finished jobs to remember for :meth:`status` (in ``DB/jobs/``).
     """
 
     def __init__(self, db, model, workers: int = 1, keep: int = 200):
@@ -102,31 +149,33 @@ class JobRunner:
         self.keep = keep
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vli-add")
         self._lock = threading.Lock()
-        self._jobs: dict[str, dict] = {}
+        self._board = JobBoard(os.path.join(db.path, "jobs"), keep=keep)
         self._counter = itertools.count(1)
-        self._done_events: dict[str, threading.Event] = {}
+        self._done_events: dict[str, threading.Event] = {}  # jobs of this process, for wait()
 
     # ------------------------------------------------------------------------------------------
     def submit(self, image_path: str, text: str, label: str | None = None, delete_image: bool = False) -> str:
         """Queue a job and return its id. ``delete_image``: remove the file when the job ends."""
-        job_id = f"job-{next(self._counter)}-{uuid.uuid4().hex[:12]}"
+        job_id = f"job-{os.getpid()}-{next(self._counter)}-{uuid.uuid4().hex[:12]}"
         with self._lock:
-            self._jobs[job_id] = {"state": QUEUED, "message": "waiting for the model…", "ex_id": None,
-                                  "submitted": time.time()}
+            self._board.write(job_id, {"state": QUEUED, "message": "waiting for the model…", "ex_id": None,
+                                       "submitted": time.time()})
             self._done_events[job_id] = threading.Event()
-            self._forget_old()
+            self._board.forget_old()
+            finished = [j for j, event in self._done_events.items() if event.is_set()]
+            for old in finished[: max(0, len(finished) - self.keep)]:
+                del self._done_events[old]
         self._pool.submit(self._run, job_id, image_path, text, label, delete_image)
         return job_id
 
     def status(self, job_id: str) -> dict:
         """``{"state", "message", "ex_id"}``; an unknown id is an "error" state."""
-        with self._lock:
-            job = self._jobs.get(job_id) if isinstance(job_id, str) else None  # the page sends it
-            if job is None:
-                return {"state": ERROR, "ex_id": None, "message": (
-                    f"unknown job {shorten(repr(job_id), 60)}: it was started by another server process "
-                    "(with a live model, run one process: gunicorn -w 1 --threads 8) or forgotten")}
-            return {"state": job["state"], "message": job["message"], "ex_id": job["ex_id"]}
+        job = self._board.read(job_id)  # whichever server process started it
+        if job is None:
+            return {"state": ERROR, "ex_id": None, "message": (
+                f"unknown job {shorten(repr(job_id), 60)}: it was forgotten (only the last {self.keep} "
+                f"finished jobs are kept) or never started")}
+        return {"state": job["state"], "message": job["message"], "ex_id": job["ex_id"]}
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict:
         """Block until the job ends (or ``timeout`` seconds) and return its status."""
@@ -141,11 +190,11 @@ class JobRunner:
     # ------------------------------------------------------------------------------------------
     def _set(self, job_id: str, state: str, message: str, ex_id=None) -> None:
         with self._lock:
-            job = self._jobs.get(job_id)
-            if job is not None:
-                job.update(state=state, message=message, ex_id=ex_id)
-                if state in FINISHED:
-                    job["finished"] = time.time()
+            job = self._board.read(job_id) or {}
+            job.update(state=state, message=message, ex_id=ex_id)
+            if state in FINISHED:
+                job["finished"] = time.time()
+            self._board.write(job_id, job)
 
     def _run(self, job_id, image_path, text, label, delete_image) -> None:
         ex_id = None
@@ -171,8 +220,3 @@ class JobRunner:
             if event is not None:
                 event.set()
 
-    def _forget_old(self) -> None:
-        finished = [j for j, job in self._jobs.items() if job["state"] in FINISHED]
-        for j in finished[: max(0, len(finished) - self.keep)]:
-            self._jobs.pop(j, None)
-            self._done_events.pop(j, None)

@@ -5,11 +5,11 @@ database path). ``serve(db=..., model=None, params=(), allow_paths=False)`` retu
 for WSGI servers; gunicorn calls it as an application factory::
 
     gunicorn -w 4 -b 127.0.0.1:6006 'app.server:serve(db="example_database1")'
-    gunicorn -w 1 --threads 8 -b 127.0.0.1:6006 'app.server:serve(db="example_database2", model="vilt", params=["shapes_vqa/vilt-shapes"])'
+    gunicorn -w 2 --threads 4 -b 127.0.0.1:6006 'app.server:serve(db="example_database2", model="vilt", params=["shapes_vqa/vilt-shapes"])'
 
-(each worker opens the database after the fork). With a live model use one worker: "Add example"
-jobs live in the memory of the process that runs them, and the page polls that process for them.
-(How many workers gunicorn runs is not visible from inside a worker, so this is not checked.)
+(each worker opens the database after the fork). With a live model every worker loads its own copy
+of the model; an "Add example" job runs in the worker that took the request, and its state is a file
+in ``DB/jobs/`` (app.jobs.JobBoard), so whichever worker answers the page's poll reports it.
 
 ``run_app.py`` (:func:`main`) binds the port before loading the model, so that a busy port is
 reported at once, and says it runs only once it listens. A live model whose layers, heads or hidden

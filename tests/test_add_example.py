@@ -152,8 +152,28 @@ def test_job_states(db, vilt, image_file):
         runner.shutdown()
     assert seen == [RUNNING] and final == {"state": DONE, "message": "example 1 added", "ex_id": 1}
     unknown = runner.status("job-999")
-    assert unknown["state"] == ERROR and "another server process" in unknown["message"]
+    assert unknown["state"] == ERROR and "forgotten" in unknown["message"]
     assert PREPROCESSING == "preprocessing…"
+
+
+def test_any_server_process_answers_for_a_job(db, vilt, image_file):
+    """gunicorn -w 4: the page's poll may reach another worker than the one running the job."""
+    import subprocess
+    import sys
+
+    runner = JobRunner(db, vilt)
+    try:
+        job = runner.submit(image_file, QUESTION)
+        assert runner.wait(job, 120)["state"] == DONE
+    finally:
+        runner.shutdown()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys; sys.path.insert(0, {root!r}); from app.jobs import JobBoard; "
+            f"print(JobBoard({os.path.join(db.path, 'jobs')!r}).read({job!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "'state': 'done'" in out.stdout and "'ex_id': 1" in out.stdout
+    for crafted in ("../../etc/passwd", "job-1", None, 7):  # what the page sends is never a path
+        assert runner.status(crafted)["state"] == ERROR
 
 
 # --------------------------------------------------------------------------------------------- panel checks
