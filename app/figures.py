@@ -445,3 +445,135 @@ def thumbnail_jpeg(image: np.ndarray, coord: Optional[tuple[int, int]], grid: Op
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- dataset views
+
+def _fmt(value: float) -> str:
+    return "n/a" if not np.isfinite(value) else f"{value:.4g}"
+
+
+def _head_axes(n_layers: int, n_heads: int, with_mean: bool) -> dict:
+    """The x and y axes of a layers x heads grid (with the "mean" column at x = H + 1 or without)."""
+    tickvals = list(range(n_heads)) + ([n_heads + 1] if with_mean else [])
+    ticktext = [str(h + 1) for h in range(n_heads)] + (["mean"] if with_mean else [])
+    return dict(
+        xaxis=dict(tickvals=tickvals, ticktext=ticktext, title=dict(text="head", standoff=4), showgrid=False,
+                   zeroline=False, range=[-0.5, n_heads + (1.5 if with_mean else -0.5)], fixedrange=True),
+        yaxis=dict(tickvals=list(range(n_layers)), ticktext=[str(i + 1) for i in range(n_layers)],
+                   title=dict(text="layer", standoff=4), autorange="reversed", showgrid=False,
+                   zeroline=False, fixedrange=True))
+
+
+def dataset_heads_figure(mean: np.ndarray, std: np.ndarray, q1: np.ndarray, median: np.ndarray,
+                         q3: np.ndarray, n: np.ndarray, name: str,
+                         selected: Optional[tuple[int, Optional[int]]] = None) -> go.Figure:
+    """Layers x heads heatmap of a statistic's mean over a set of examples, the spread on hover.
+
+    Every array is ``(n_layers, n_heads + 1)``, the last column being the layer mean (drawn one empty
+    column right of the heads, as in :func:`head_summary_figure`): trace 0 is the head grid (x = head),
+    trace 1 the mean column (x = H + 1). ``selected`` = (layer, head or None) draws the selection.
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    n_layers, n_heads = mean.shape[0], mean.shape[1] - 1
+    heads = [f"head {h + 1}" for h in range(n_heads)] + ["mean of heads"]
+    text = [[f"Layer {layer + 1}, {heads[h]}<br>{name}: mean {_fmt(mean[layer, h])} ± {_fmt(std[layer, h])} (std)"
+             f"<br>quartiles {_fmt(q1[layer, h])} / {_fmt(median[layer, h])} / {_fmt(q3[layer, h])}"
+             f"<br>n = {int(n[layer, h])} examples" for h in range(n_heads + 1)] for layer in range(n_layers)]
+    layers = typed_array(np.arange(n_layers))
+    common = dict(type="heatmap", coloraxis="coloraxis", hovertemplate="%{text}<extra></extra>", xgap=1, ygap=1)
+    data = [dict(z=typed_array(mean[:, :n_heads]), x=typed_array(np.arange(n_heads)), y=layers,
+                 text=[row[:n_heads] for row in text], name="heads", **common),
+            dict(z=typed_array(mean[:, n_heads:]), x=[n_heads + 1], y=layers,
+                 text=[row[n_heads:] for row in text], name="mean", **common)]
+    layout = _layout(coloraxis=dict(colorscale=STAT_SCALE, colorbar=dict(thickness=10, len=0.9)),
+                     **_head_axes(n_layers, n_heads, with_mean=True),
+                     margin=dict(l=48, r=10, t=8, b=40), clickmode="event", hovermode="closest",
+                     shapes=[head_selection_shape(selected[0], selected[1], n_heads)] if selected else [])
+    return figure(data, layout)
+
+
+def contrast_figure(diff: np.ndarray, mean_a: np.ndarray, mean_b: np.ndarray, n_a: np.ndarray,
+                    n_b: np.ndarray, p: np.ndarray, q: np.ndarray, significant: np.ndarray, name: str,
+                    label_a: str, label_b: str, selected: Optional[tuple[int, int]] = None) -> go.Figure:
+    """Layers x heads heatmap of the difference of means between two groups of examples (A - B, on a
+    diverging scale centred on 0), with each head's Mann–Whitney p and Benjamini–Hochberg q on
+    hover. Trace 0 is the grid (x = head, y = layer); trace 1 marks the significant heads with a star
+    at the same coordinates (clicking it is clicking the head)."""
+    diff = np.asarray(diff, dtype=np.float64)
+    n_layers, n_heads = diff.shape
+    text = [[f"Layer {layer + 1}, head {h + 1}<br>{name}: {label_a} − {label_b} = {_fmt(diff[layer, h])}"
+             f"<br>{label_a}: mean {_fmt(mean_a[layer, h])} (n = {int(n_a[layer, h])})"
+             f"<br>{label_b}: mean {_fmt(mean_b[layer, h])} (n = {int(n_b[layer, h])})"
+             f"<br>Mann–Whitney p = {_fmt(p[layer, h])}, BH q = {_fmt(q[layer, h])}"
+             + (" (significant)" if significant[layer, h] else "") for h in range(n_heads)]
+            for layer in range(n_layers)]
+    finite = np.abs(diff[np.isfinite(diff)])
+    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    marked_layers, marked_heads = np.nonzero(np.asarray(significant, bool))
+    data = [dict(type="heatmap", z=typed_array(diff), x=typed_array(np.arange(n_heads)),
+                 y=typed_array(np.arange(n_layers)), text=text, hovertemplate="%{text}<extra></extra>",
+                 colorscale=DIVERGING_SCALE, zmin=-top, zmax=top, xgap=1, ygap=1, name="difference",
+                 colorbar=dict(thickness=10, len=0.9, title=dict(text="A − B"))),
+            dict(type="scatter", mode="text", x=marked_heads.tolist(), y=marked_layers.tolist(),
+                 text=["★"] * len(marked_heads), textfont=dict(size=14, color=NEIGHBOR_COLOR),
+                 hoverinfo="skip", name="significant", showlegend=False)]
+    layout = _layout(**_head_axes(n_layers, n_heads, with_mean=False), margin=dict(l=48, r=10, t=8, b=40),
+                     clickmode="event", hovermode="closest",
+                     shapes=[head_selection_shape(selected[0], selected[1], n_heads)] if selected else [])
+    return figure(data, layout)
+
+
+# ----------------------------------------------------------------------------- interventions
+
+def deletion_curve_figure(fractions: Sequence[float], scores: Sequence[float], answers: Sequence[str],
+                          answer: str, method: str) -> go.Figure:
+    """The deletion curve of one example (Chefer et al. 2021's positive perturbation test): the score
+    of the model's original ``answer`` against the fraction of image patches removed, most relevant by
+    ``method`` first; a faithful map makes it fall fast. The top answer at each step is on hover."""
+    x = np.asarray(fractions, dtype=np.float64) * 100
+    y = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape or len(answers) != len(x):
+        raise ValueError(f"fractions, scores, answers: expected one value each per step, got {x.shape}, "
+                         f"{y.shape} and {len(answers)}")
+    text = [f"{f:.0f} % removed: '{answer}' {s:.3f}, top answer '{a}'" for f, s, a in zip(x, y, answers)]
+    data = [dict(type="scatter", mode="lines+markers", x=x.tolist(), y=y.tolist(), text=text,
+                 hovertemplate="%{text}<extra></extra>", line=dict(color=IMAGE_COLOR, width=2),
+                 marker=dict(size=6, color=[SELECT_COLOR if a != answer else IMAGE_COLOR for a in answers]))]
+    probabilities = bool(y.size) and bool(((y >= 0) & (y <= 1)).all())  # else a raw score (retrieval's logit)
+    layout = _layout(
+        title=dict(text=f"Score of '{answer}' as patches go, most relevant first ({method})", x=0.01, y=0.97,
+                   font=dict(size=12)),
+        xaxis=dict(title=dict(text="patches removed (%)"), range=[-3, 93], zeroline=False),
+        yaxis=dict(title=dict(text="score"), range=[0, 1.05] if probabilities else None, zeroline=False),
+        margin=dict(l=48, r=10, t=32, b=40), hovermode="closest", showlegend=False)
+    return figure(data, layout)
+
+
+def activation_patching_figure(difference: np.ndarray, columns: Sequence[str],
+                               recovered: Optional[np.ndarray], answer: str) -> go.Figure:
+    """Activation patching as a heatmap, layers (rows, 1 at the top) × patched positions (columns):
+    the clean answer's logit when that layer's output at those positions comes from the clean run,
+    minus its logit in the corrupted run (0: nothing recovered), on a scale centred on 0; the
+    fraction of the clean run's margin recovered is on hover."""
+    d = np.asarray(difference, dtype=np.float32)
+    if d.ndim != 2 or d.shape[1] != len(columns):
+        raise ValueError(f"difference: expected (n_layers, {len(columns)}), got shape {d.shape}")
+    if recovered is not None and np.shape(recovered) != d.shape:
+        raise ValueError(f"recovered: expected shape {d.shape}, got {np.shape(recovered)}")
+    layers = [f"layer {l + 1}" for l in range(d.shape[0])]
+    share = np.full(d.shape, np.nan) if recovered is None else np.asarray(recovered, dtype=np.float64)
+    text = [[f"{layers[l]}, {columns[c]}: {d[l, c]:+.3f}" + ("" if np.isnan(share[l, c]) else
+                                                             f" ({100 * share[l, c]:.0f} % recovered)")
+             for c in range(d.shape[1])] for l in range(d.shape[0])]
+    bound = float(np.abs(d).max()) if d.size and np.isfinite(d).all() and np.abs(d).max() > 0 else 1.0
+    data = [dict(type="heatmap", z=typed_array(d), x=list(columns), y=layers, text=text,
+                 hovertemplate="%{text}<extra></extra>", colorscale=DIVERGING_SCALE, zmin=-bound, zmax=bound,
+                 colorbar=dict(thickness=10, title=dict(text="Δ logit")))]
+    layout = _layout(
+        title=dict(text=f"Logit of '{answer}' recovered by patching in the clean run", x=0.01, y=0.97,
+                   font=dict(size=12)),
+        xaxis=dict(type="category", tickangle=-60, tickfont=dict(size=9), showgrid=False),
+        yaxis=dict(type="category", autorange="reversed", showgrid=False),
+        margin=dict(l=60, r=10, t=32, b=90), hovermode="closest")
+    return figure(data, layout)

@@ -74,3 +74,49 @@ ATT_METHOD_HELP = "att-method-help"  # the chosen method's definition, under the
 DISTANCE_GRAPH = "distance-graph"  # the hidden panel's mean attention distance tab (per layer and head)
 LENS_GRAPH = "lens-graph"  # the logit lens tab: answers per layer
 LENS_NOTE = "lens-note"  # why an example has no logit lens
+
+# Dataset panel (helper: the whole database at a glance).
+DATASET_TABLE = "dataset-table"  # the examples table (server-side paging, filtering and sorting)
+DATASET_TEXT = "dataset-text"  # filter: a substring of the text
+DATASET_ANSWER = "dataset-answer"  # filter: a substring of the prediction's answer or label
+DATASET_CORRECT = "dataset-correct"  # filter: correct / incorrect / unknown / all
+DATASET_LOW = "dataset-low"  # filter: the value column's lower bound
+DATASET_HIGH = "dataset-high"  # filter: the value column's upper bound
+DATASET_STAT = "dataset-stat"  # the statistic of the value column and of the dataset views
+DATASET_LAYER = "dataset-layer"  # the value column's layer (0-based)
+DATASET_HEAD = "dataset-head"  # the value column's head (0-based) or "mean" for the layer mean
+DATASET_STATUS = "dataset-status"  # "N of M examples" or what was wrong with a filter
+DATASET_FILTERED = "dataset-filtered"  # store: the filtered example ids, in table order
+DATASET_PREV = "dataset-prev"  # previous example within the filtered ones
+DATASET_NEXT = "dataset-next"  # next example within the filtered ones
+DATASET_VIEW = "dataset-view"  # the dataset view: "mean" (heatmap) or "contrast"
+DATASET_CONTRAST = "dataset-contrast"  # contrast groups: "correct" (correct vs incorrect) or "rest"
+DATASET_GRAPH = "dataset-graph"  # the layers x heads heatmap (mean, or contrast)
+DATASET_GRAPH_HELP = "dataset-graph-help"  # what the heatmap shows (and how many heads are significant)
+DATASET_FOCUS = "dataset-focus"  # store: {"layer", "head", "ranked": [ex ids]} of the drill-down
+DATASET_RANKED = "dataset-ranked"  # the drill-down: examples ranked by the clicked head's value
+DATASET_OPEN = "dataset-open"  # pattern-matching type: {"type": DATASET_OPEN, "index": rank position}
+
+# Interventions panel (live model: the stored example re-run with heads zeroed, patches removed, or
+# another example's hidden states patched in).
+IV_PANEL = "iv-panel"  # the panel's section (present only with a model that supports interventions)
+IV_USE_SELECTED = "iv-use-selected"  # checklist: ablate the head summary's selection too
+IV_HEADS = "iv-heads"  # multi-select of "layer-head" / "layer-all" values (0-based)
+IV_ABLATE = "iv-ablate"  # button: run with the heads zeroed
+IV_ABLATION = "iv-ablation"  # the top answers before / after the ablation
+IV_DELETION = "iv-deletion"  # button: the deletion curve for the attention panel's method
+IV_MASK = "iv-mask"  # button: remove the attention panel's selected patches
+IV_DELETION_GRAPH = "iv-deletion-graph"  # the deletion curve
+IV_MASKING = "iv-masking"  # what the deletion curve / the masking did (answers, or why not)
+IV_CORRUPTED = "iv-corrupted"  # dropdown: the corrupted example of activation patching
+IV_PATCH = "iv-patch"  # button: run activation patching
+IV_PATCH_GRAPH = "iv-patch-graph"  # the layers x positions heatmap
+IV_PATCHING = "iv-patching"  # the clean and corrupted answers, or why patching was refused
+# Downloads (app/export.py): one dcc.Download for every export, and the buttons that fill it.
+DOWNLOAD = "download"
+EXPORT_REPORT = "export-report"  # the example's one-file HTML report
+EXPORT_ATTENTION = "export-attention"  # the attention row(s) shown, as CSV
+EXPORT_STATISTICS = "export-statistics"  # every statistic of every head of the example, as CSV
+EXPORT_MATRIX = "export-matrix"  # the selected head's attention matrix, as .npy
+IMAGE_EXPORT = "image-export"  # pattern {"type": IMAGE_EXPORT, "graph": id, "format": "png" | "svg"}
+IMAGE_EXPORT_DONE = "image-export-done"  # the clientside download's (unused) output

@@ -69,3 +69,18 @@ document.addEventListener('keydown', function (e) {
     box.blur();
   }
 });
+
+/* PNG / SVG downloads of a graph (the buttons of app.panels.common.image_downloads): plotly's own
+   export, at 3x for a paper-ready PNG. */
+window.dash_clientside.vli.downloadImage = function () {
+  const cc = window.dash_clientside.callback_context;
+  const trig = cc && cc.triggered && cc.triggered[0];
+  if (!trig || !trig.value) { return window.dash_clientside.no_update; }
+  const id = JSON.parse(trig.prop_id.slice(0, trig.prop_id.lastIndexOf('.')));
+  const graph = document.getElementById(id.graph);
+  const plot = graph && graph.querySelector('.js-plotly-plot');
+  if (plot) {
+    window.Plotly.downloadImage(plot, {format: id.format, filename: id.graph, scale: id.format === 'png' ? 3 : 1});
+  }
+  return Date.now();
+};

@@ -25,6 +25,13 @@ def head_label(head_sel: dict) -> str:
         f"layer {layer}, head {head_sel['head'] + 1}"
 
 
+def image_downloads(graph_id: str) -> html.Span:
+    """PNG (3x, for a paper) and SVG download buttons for the graph ``graph_id`` (app/assets/vli.js)."""
+    return html.Span([html.Button(fmt.upper(), id={"type": ids.IMAGE_EXPORT, "graph": graph_id, "format": fmt},
+                                  className="export-btn", title=f"download this figure as {fmt.upper()}")
+                      for fmt in ("png", "svg")], className="image-exports")
+
+
 def error_banner(message: str = "") -> html.Div:
     """Where a failure of the current view is said (e.g. a damaged example); hidden when empty."""
     return html.Div(message, id=ids.PAGE_ERROR, className="page-error", role="alert",

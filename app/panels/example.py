@@ -1,11 +1,11 @@
 """Example selector (dropdown + previous/next) and the model's prediction for the example."""
 from __future__ import annotations
 
-from dash import Input, Output, State, ctx as dctx, html, dcc
+from dash import ALL, ClientsideFunction, Input, Output, State, ctx as dctx, dcc, html
 from dash.exceptions import PreventUpdate
 
-from app import ids
-from app.panels.common import error_style, example_info
+from app import export, figures, ids
+from app.panels.common import error_style, example_info, head_selection, selected_tokens
 
 
 def example_options(db) -> list[dict]:
@@ -23,6 +23,9 @@ def layout(ctx, ex_id):
         html.Button("▶", id=ids.EXAMPLE_NEXT, title="next example", className="nav-btn"),
         html.Div(id=ids.PREDICTION, className="prediction",
                  children=None if ex_id is None else prediction_children(ctx.db.example(ex_id))),
+        html.Button("Report", id=ids.EXPORT_REPORT, className="btn",
+                    title="download this example and the current view as one HTML file, to share"),
+        dcc.Download(id=ids.DOWNLOAD), dcc.Store(id=ids.IMAGE_EXPORT_DONE),
     ], className="example-bar")
 
 
@@ -49,6 +52,32 @@ def prediction_children(info) -> list:
     return out
 
 
+def report(db, ex_id, stat, zscore: bool, head_sel, sel, method) -> str:
+    """The one-file HTML report of what the page shows (browser values checked like any other)."""
+    from app.panels import heads, tokens  # noqa: PLC0415 - the panels whose views the report repeats
+
+    info = example_info(db, ex_id)
+    head_sel = head_selection(db, head_sel)
+    if stat not in db.statistic_names():
+        raise PreventUpdate
+    method = tokens.attention_method(method)
+    head_figure = heads.summary_view(db, ex_id, stat, zscore, head_sel)[0]
+    image_figure = tokens.example_view(db, ex_id, tokens.DEFAULT_OPACITY, [])[2]
+    chosen = selected_tokens(sel, ex_id, info.n_tokens)
+    weights = tokens.selection_weights(db, ex_id, method, head_sel, chosen) if chosen else None
+    if weights is not None and info.grid:
+        image_figure.update(data=[dict(image_figure.data[0].to_plotly_json(),
+                                       **figures.overlay_state(figures.overlay_grid(weights, info.coords, info.grid),
+                                                               info.grid, method))]
+                            + list(image_figure.data[1:]))
+    labels = figures.token_labels(info.tokens, info.coords)
+    what = ("nothing selected" if weights is None else
+            f"{method} from {', '.join(labels[t] for t in chosen[:5])}{' …' if len(chosen) > 5 else ''} — "
+            f"{tokens.method_label(method, head_sel)}")
+    return export.report_html(info, db.image_png(ex_id), head_figure, image_figure,
+                              None if weights is None else weights[:info.txt_len].tolist(), what)
+
+
 def register_callbacks(app, ctx):
     db = ctx.db
 
@@ -65,6 +94,20 @@ def register_callbacks(app, ctx):
         except ValueError:
             return ex_ids[0]
         return ex_ids[(pos + step) % len(ex_ids)]
+
+    app.clientside_callback(ClientsideFunction("vli", "downloadImage"), Output(ids.IMAGE_EXPORT_DONE, "data"),
+                            Input({"type": ids.IMAGE_EXPORT, "graph": ALL, "format": ALL}, "n_clicks"),
+                            prevent_initial_call=True)
+
+    @app.callback(Output(ids.DOWNLOAD, "data"), Input(ids.EXPORT_REPORT, "n_clicks"),
+                  State(ids.EXAMPLE_SELECT, "value"), State(ids.HEAD_STAT, "value"), State(ids.HEAD_ZSCORE, "value"),
+                  State(ids.HEAD_STORE, "data"), State(ids.SEL_STORE, "data"), State(ids.ATT_METHOD, "value"),
+                  prevent_initial_call=True)
+    def download_report(n_clicks, ex_id, stat, zscore, head_sel, sel, method):
+        if not n_clicks:
+            raise PreventUpdate
+        return dcc.send_string(report(db, ex_id, stat, bool(zscore), head_sel, sel, method),
+                               f"vl-interpret-example-{ex_id}.html")
 
     @app.callback(Output(ids.PREDICTION, "children"), Output(ids.PAGE_ERROR, "children"),
                   Output(ids.PAGE_ERROR, "style"), Input(ids.EXAMPLE_SELECT, "value"), prevent_initial_call=True)

@@ -5,10 +5,10 @@ import numpy as np
 from dash import Input, Output, State, Patch, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from app import figures, ids
+from app import export, figures, ids
 from app.database.stats import STATISTICS
-from app.panels.common import (as_index, example_info, first_point, head_label, head_selection, initial_figure,
-                               panel)
+from app.panels.common import (as_index, example_info, first_point, head_label, head_selection,
+                               image_downloads, initial_figure, panel)
 
 CUSTOM_HELP = "a custom per-head metric supplied with the records"
 HEAD_AXES_PX = 48  # the head summary's top and bottom margins (figures.head_summary_figure)
@@ -49,6 +49,9 @@ def layout(ctx, ex_id):
                          className="stat-dropdown"),
             dcc.Checklist(id=ids.HEAD_ZSCORE, options=[{"label": " z-score", "value": "z"}], value=[],
                           className="zscore-toggle", inputClassName="zscore-input"),
+            html.Button("CSV", id=ids.EXPORT_STATISTICS, className="export-btn",
+                        title="download every statistic of every head of this example as CSV"),
+            image_downloads(ids.HEAD_GRAPH),
         ], className="controls"),
         html.P(help_text, id=ids.HEAD_STAT_HELP, className="help stat-help"),
         dcc.Graph(id=ids.HEAD_GRAPH, config={"displayModeBar": False}, className="head-graph",
@@ -85,6 +88,16 @@ def head_title(head_sel) -> list:
 
 def register_callbacks(app, ctx):
     db = ctx.db
+
+    @app.callback(Output(ids.DOWNLOAD, "data", allow_duplicate=True), Input(ids.EXPORT_STATISTICS, "n_clicks"),
+                  State(ids.EXAMPLE_SELECT, "value"), prevent_initial_call=True)
+    def download_statistics(n_clicks, ex_id):
+        if not n_clicks:
+            raise PreventUpdate
+        example_info(db, ex_id)
+        descriptions = {name: statistic_help(db, name) for name in db.statistic_names()}
+        return dcc.send_string(export.statistics_csv(db.head_statistics(ex_id), descriptions),
+                               f"vl-interpret-example-{ex_id}-head-statistics.csv")
 
     @app.callback(Output(ids.HEAD_GRAPH, "figure"), Output(ids.HEAD_STAT_HELP, "children"),
                   Input(ids.EXAMPLE_SELECT, "value"), Input(ids.HEAD_STAT, "value"),

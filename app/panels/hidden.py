@@ -15,10 +15,10 @@ import numpy as np
 from dash import Input, Output, Patch, State, ctx as dctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from app import figures, ids
+from app import export, figures, ids
 from app.database.stats import STATISTICS
 from app.panels.common import (as_index, clear_drawn_selection, example_info, first_point, head_label,
-                               head_selection, initial_figure, panel, selected_tokens)
+                               head_selection, image_downloads, initial_figure, panel, selected_tokens)
 
 NEIGHBOR_HINT = "Select a token to find its closest token of the other modality."
 MATRIX_KINDS = [{"label": "text → text", "value": "tt"}, {"label": "image → image", "value": "ii"},
@@ -51,6 +51,7 @@ def layout(ctx, ex_id):
                                       marks=marks, allow_direct_input=False,
                                       tooltip={"transform": "vliLayerLabel", "placement": "top"}),
                            className="layer-slider")], className="controls"),
+        html.Div(image_downloads(ids.TSNE_GRAPH), className="controls"),
         dcc.Graph(id=ids.TSNE_GRAPH, clear_on_unhover=True, className="tsne-graph",
                   config={"displayModeBar": False}, **initial_figure(figure)),
         dcc.Tooltip(id=ids.TSNE_TOOLTIP, direction="left"),
@@ -62,18 +63,23 @@ def layout(ctx, ex_id):
     matrix_tab = dcc.Tab(label="Attention matrix", value="matrix", children=[
         html.P("The selected head's attention: rows are queries, columns the keys they attend to.",
                className="help"),
-        dcc.RadioItems(id=ids.MATRIX_KIND, options=MATRIX_KINDS, value="tt", inline=True,
-                       className="matrix-kind"),
+        html.Div([dcc.RadioItems(id=ids.MATRIX_KIND, options=MATRIX_KINDS, value="tt", inline=True,
+                                 className="matrix-kind"),
+                  html.Button(".npy", id=ids.EXPORT_MATRIX, className="export-btn",
+                              title="download the selected head's whole attention matrix (numpy .npy)"),
+                  image_downloads(ids.MATRIX_GRAPH)], className="controls"),
         dcc.Graph(id=ids.MATRIX_GRAPH, className="matrix-graph",
                   config={"displaylogo": False, "modeBarButtonsToRemove": MATRIX_TOOLS_REMOVED}),
     ])
     distance_tab = dcc.Tab(label="Attention distance", value="distance", children=[
         html.P(DISTANCE_HELP, className="help"),
+        html.Div(image_downloads(ids.DISTANCE_GRAPH), className="controls"),
         dcc.Graph(id=ids.DISTANCE_GRAPH, className="distance-graph", config={"displayModeBar": False}),
     ])
     lens_tab = dcc.Tab(label="Logit lens", value="lens", children=[
         html.P(LENS_HELP, className="help"),
         html.Div(id=ids.LENS_NOTE, className="help"),
+        html.Div(image_downloads(ids.LENS_GRAPH), className="controls"),
         dcc.Graph(id=ids.LENS_GRAPH, className="lens-graph", config={"displayModeBar": False}),
     ])
     return panel("Hidden states and attention matrix", "Pick a view; only the visible one is computed.",
@@ -230,6 +236,18 @@ def register_callbacks(app, ctx):
         return figures.attention_distance_figure(db.head_statistics(ex_id)["distance"])
 
     register_lens(app, db)
+
+    @app.callback(Output(ids.DOWNLOAD, "data", allow_duplicate=True), Input(ids.EXPORT_MATRIX, "n_clicks"),
+                  State(ids.EXAMPLE_SELECT, "value"), State(ids.HEAD_STORE, "data"), prevent_initial_call=True)
+    def download_matrix(n_clicks, ex_id, head_sel):
+        """The selected head's (or layer mean's) whole attention matrix, rows = queries, stored order."""
+        if not n_clicks:
+            raise PreventUpdate
+        example_info(db, ex_id)
+        head_sel = head_selection(db, head_sel)
+        name = f"layer{head_sel['layer'] + 1}-" + ("mean" if head_sel["head"] is None else f"head{head_sel['head'] + 1}")
+        matrix = db.attention_matrix(ex_id, head_sel["layer"], head_sel["head"])
+        return dcc.send_bytes(export.matrix_npy(matrix), f"vl-interpret-example-{ex_id}-attention-{name}.npy")
 
 
 def register_lens(app, db) -> None:

@@ -14,9 +14,9 @@ import numpy as np
 from dash import ALL, ClientsideFunction, Input, Output, Patch, State, ctx as dctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from app import figures, ids
+from app import export, figures, ids
 from app.panels.common import (as_index, clear_drawn_selection, example_info, first_point, head_label,
-                               head_selection, initial_figure, panel, selected_tokens)
+                               head_selection, image_downloads, initial_figure, panel, selected_tokens)
 from app.panels.hidden import point_token
 
 PLAY_MS = 900
@@ -64,6 +64,9 @@ def layout(ctx, ex_id):
             html.Button(play_label(False), id=ids.PLAY, className="btn play-btn",
                         title="step through the text tokens"),
             html.Button("Clear", id=ids.CLEAR_SELECTION, className="btn", title="clear the selection"),
+            html.Button("CSV", id=ids.EXPORT_ATTENTION, className="export-btn",
+                        title="download the weights shown (every token) as CSV"),
+            image_downloads(ids.IMAGE_GRAPH),
             dcc.RadioItems(id=ids.ATT_METHOD, options=[{"label": f" {label}", "value": value}
                                                        for value, (label, _) in METHODS.items()],
                            value=DEFAULT_METHOD, inline=True, className="side-switch method-switch"),
@@ -335,6 +338,25 @@ def register_callbacks(app, ctx):
                  html.Span([" · colour ", html.Span(className="tint-legend", style=LEGEND_STYLE),
                             f" low → high: {ranges} (hover for values)"], className="muted")]
         return store, patch, title
+
+    @app.callback(Output(ids.DOWNLOAD, "data", allow_duplicate=True), Input(ids.EXPORT_ATTENTION, "n_clicks"),
+                  State(ids.SEL_STORE, "data"), State(ids.HEAD_STORE, "data"), State(ids.EXAMPLE_READY, "data"),
+                  State(ids.ATT_METHOD, "value"), prevent_initial_call=True)
+    def download_attention(n_clicks, sel, head_sel, ready, method):
+        """The weights the panel shows for the selection, every token, as CSV."""
+        if not n_clicks or ready is None:
+            raise PreventUpdate
+        info = example_info(db, ready)
+        head_sel, method = head_selection(db, head_sel), attention_method(method)
+        tokens = selected_tokens(sel, ready, info.n_tokens)
+        weights = selection_weights(db, ready, method, head_sel, tokens) if tokens else None
+        if weights is None:
+            raise PreventUpdate
+        labels = figures.token_labels(info.tokens, info.coords)
+        what = (f"example {ready}: {method} from {', '.join(labels[t] for t in tokens)} "
+                f"({method_label(method, head_sel)}; several tokens: their rows averaged)")
+        return dcc.send_string(export.attention_csv(info, weights, method, what),
+                               f"vl-interpret-example-{ready}-{method}.csv")
 
     app.clientside_callback(ClientsideFunction("vli", "tint"),
                             Output({"type": ids.TOKEN, "index": ALL}, "style"),
