@@ -3,6 +3,7 @@
     vl-interpret -d DB [-p PORT] [--host HOST] [-m NAME PARAM ...]   # the app, as python run_app.py ...
     vl-interpret extract -m NAME PARAM ... --pairs FILE --out DB     # as python -m app.database.extract ...
     vl-interpret upgrade DB [DB ...]                                 # as python -m app.database.upgrade ...
+    vl-interpret merge DB [DB ...] --into DB [--renumber]            # as python -m app.database.merge ...
 
 Each form hands its arguments, unchanged, to the ``main(argv)`` of the module it names, so the command
 and the scripts of a checkout never drift apart. The bundled databases are not in the package: a
@@ -22,6 +23,7 @@ SUBCOMMANDS = {  # name: (module whose main(argv) runs it, what it does)
     "extract": ("app.database.extract", "run a live model over a JSON-lines file of (image, text) pairs "
                                         "into a database"),
     "upgrade": ("app.database.upgrade", "upgrade a database written by an older VL-InterpreT, in place"),
+    "merge": ("app.database.merge", "merge databases (the shards of a torchrun extraction) into one"),
 }
 BUNDLED_DATABASES = ("example_database1", "example_database2")
 

@@ -1,4 +1,5 @@
-"""The page: the header and the three columns of panels, built from the panels' layouts."""
+"""The page: the header, the three columns of panels and, under them, the full-width dataset panel,
+built from the panels' layouts."""
 from __future__ import annotations
 
 from dash import html
@@ -6,7 +7,7 @@ from dash import html
 from app import ids
 from app.context import AppContext
 from app.database.database import CorruptValueError
-from app.panels import example, heads, hidden, tokens
+from app.panels import dataset, example, heads, hidden, tokens
 from app.panels.common import error_banner
 
 TITLE = "VL-InterpreT"
@@ -21,12 +22,12 @@ def page_layout(ctx: AppContext, add_panel, drawn: bool = True) -> html.Div:
     ex_ids = db.example_ids()
     first = ex_ids[0] if ex_ids and drawn else None
     try:
-        return _page(ctx, add_panel, ex_ids, first)
+        return _page(ctx, add_panel, ex_ids, first, drawn)
     except CorruptValueError as error:  # a damaged first example: the page opens on none, and says so
-        return _page(ctx, add_panel, ex_ids, None, damaged=str(error))
+        return _page(ctx, add_panel, ex_ids, None, drawn, damaged=str(error))
 
 
-def _page(ctx: AppContext, add_panel, ex_ids: list, first, damaged: str = "") -> html.Div:
+def _page(ctx: AppContext, add_panel, ex_ids: list, first, drawn: bool, damaged: str = "") -> html.Div:
     db = ctx.db
     header = html.Header([
         html.Div([html.H1(TITLE), html.Span(example_count_text(db, len(ex_ids)), id=ids.EXAMPLE_COUNT,
@@ -37,7 +38,8 @@ def _page(ctx: AppContext, add_panel, ex_ids: list, first, damaged: str = "") ->
     grid = html.Main([html.Div(left, className="col col-left"),
                       html.Div(tokens.layout(ctx, first), className="col col-mid"),
                       html.Div(hidden.layout(ctx, first), className="col col-right")], className="grid")
-    return html.Div([header, error_banner(damaged), grid], className="app")
+    # The dataset panel leaves out damaged examples itself, so it is drawn even when the first one is.
+    return html.Div([header, error_banner(damaged), grid, dataset.layout(ctx, drawn)], className="app")
 
 
 def example_count_text(db, n_examples: int) -> str:

@@ -34,7 +34,7 @@ from app import ids, page
 from app.context import AppContext
 from app.database.database import CorruptValueError, DatabaseError, VliLmdb
 from app.jobs import BOUNDED_LOG_RECORDS, shorten
-from app.panels import add_example, example, heads, hidden, tokens
+from app.panels import add_example, dataset, example, heads, hidden, tokens
 from app.panels.add_example import MAX_BYTES, MAX_REQUEST_BYTES, format_size
 from app.panels.common import error_style
 
@@ -90,7 +90,7 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
     # (~400 kB for a large example), so give it the same components without an example drawn.
     app.validation_layout = page.page_layout(ctx, add_panel, drawn=False)
     app.layout = lambda: page.page_layout(ctx, add_panel)  # per page load: new examples show after a reload
-    for panel in (example, heads, tokens, hidden):
+    for panel in (example, heads, tokens, hidden, dataset):
         panel.register_callbacks(app, ctx)
     if add_panel is not None:
         add_panel.register_callbacks(app, ctx)

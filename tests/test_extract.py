@@ -11,6 +11,7 @@ from PIL import Image
 from app.database import extract as extract_mod
 from app.database.database import VliLmdb
 from app.database.extract import PairError, main, parse_pair
+from app.database.models import load_model
 from helpers import fast_tsne  # noqa: F401 (autouse fixture: t-SNE is A's, tested there)
 from tiny_vilt import build_tiny_vilt
 
@@ -20,6 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return build_tiny_vilt(tmp_path_factory.mktemp("tiny-vqa"))
+
+
+def load_vilt(ckpt):
+    return load_model("vilt", [ckpt], progress=False)
 
 
 def write_pairs(folder, lines):
@@ -163,3 +168,71 @@ def test_command_line_as_documented(ckpt, tmp_path):
     assert "1 added, 0 already in the database, 0 failed" in proc.stderr
     assert "extracting" in proc.stderr  # the tqdm bar
     assert sorted(read_db(out)) == [0]
+
+
+# ------------------------------------------------------------------- under torchrun (pieces; tests/test_distributed.py runs it)
+def test_torchrun_launch_from_the_environment():
+    assert extract_mod.torchrun_launch({}) is None
+    assert extract_mod.torchrun_launch({"RANK": "0", "WORLD_SIZE": "2"}) is None  # no LOCAL_RANK: not torchrun
+    launch = extract_mod.torchrun_launch({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert launch == extract_mod.Launch(rank=3, world=4, local_rank=1)
+    assert launch.shard("out") == os.path.join("out", "shard-00003-of-00004")
+    with pytest.raises(ValueError, match="RANK 4 is not in 0..WORLD_SIZE-1"):
+        extract_mod.torchrun_launch({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+    with pytest.raises(ValueError, match="not integers"):
+        extract_mod.torchrun_launch({"RANK": "x", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+
+
+def test_device_goes_to_this_ranks_gpu():
+    launch = extract_mod.Launch(rank=5, world=8, local_rank=1)
+    assert extract_mod.model_params(["ckpt"], None, launch) == ["ckpt"]
+    assert extract_mod.model_params(["ckpt"], "cuda", launch) == ["ckpt", "cuda:1"]
+    assert extract_mod.model_params(["ckpt"], "cuda", None) == ["ckpt", "cuda"]
+    assert extract_mod.model_params(["ckpt"], "cuda:0", launch) == ["ckpt", "cuda:0"]  # as given
+    assert extract_mod.model_params(["ckpt"], "cpu", launch) == ["ckpt", "cpu"]
+
+
+def test_sharded_first_id_is_remembered_and_continues(tmp_path):
+    out = str(tmp_path / "out")
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert extract_mod.sharded_first_id(str(first), out, None, 5) == 0  # a new output starts at 0
+    assert extract_mod.sharded_first_id(str(first), out, None, 5) == 0  # remembered
+    assert extract_mod.sharded_first_id(str(first), out, 0, 5) == 0
+    with pytest.raises(ValueError, match="--first-id 3 disagrees"):
+        extract_mod.sharded_first_id(str(first), out, 3, 5)
+    assert extract_mod.sharded_first_id(str(second), out, None, 2) == 5  # after a.jsonl's 5 lines
+    assert extract_mod.sharded_first_id(str(first), out, None, 9) == 0  # a.jsonl grew to 9 lines
+    third = tmp_path / "c.jsonl"
+    assert extract_mod.sharded_first_id(str(third), out, None, 1) == 9  # after a's 9 (b: ids 5, 6)
+    assert extract_mod.sharded_first_id(str(tmp_path / "d.jsonl"), out, 100, 1) == 100
+    runs = json.loads((tmp_path / "out" / "extract_runs.json").read_text())
+    assert runs["../a.jsonl"] == {"first_id": 0, "lines": 9} and runs["../d.jsonl"]["first_id"] == 100
+
+
+def test_sharded_output_must_not_be_a_database(ckpt, tmp_path):
+    pairs = write_pairs(tmp_path, GOOD[:1])
+    assert main(["-m", "vilt", ckpt, "--pairs", str(pairs), "--out", str(tmp_path / "db"), "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="is a database; a torchrun extraction writes shard databases"):
+        extract_mod.sharded_first_id(str(pairs), str(tmp_path / "db"), None, 1)
+
+
+def test_a_rank_takes_every_world_th_line(ckpt, tmp_path):
+    pairs = write_pairs(tmp_path, MIXED)  # lines 1, 2, 7 good; 3-5 bad; 6 blank
+    db = VliLmdb(tmp_path / "shard", read_only=False)
+    try:
+        report = extract_mod.extract(load_vilt(ckpt), str(pairs), db, str(tmp_path / "shard"), first_id=10,
+                                     progress=False, log=lambda msg: None, rank=0, world=2)
+        assert report.added == [10, 16] and sorted(report.failed) == [3, 5]  # lines 1, 3, 5, 7
+        assert db.example(16).text == "what shape is right ?"
+    finally:
+        db.close()
+
+
+def test_device_option_reaches_the_model(ckpt, tmp_path, capsys):
+    pairs = write_pairs(tmp_path, GOOD[:1])
+    assert main(["-m", "vilt", ckpt, "--pairs", str(pairs), "--out", str(tmp_path / "db"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert f"Loading model Vilt({ckpt}, cpu)" in capsys.readouterr().err
+    assert main(["-m", "vilt", ckpt, "--pairs", str(pairs), "--out", str(tmp_path / "db2"), "--device", "nodevice",
+                 "--no-progress"]) == 2
+    assert "error: cannot load model Vilt" in capsys.readouterr().err

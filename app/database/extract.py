@@ -18,20 +18,52 @@ A bad line (invalid JSON, a missing field, an unreadable image, a model error, a
 is reported with its line number and skipped; the others still land. The exit status is 0 when
 every line is in the database, 1 when some line failed (a summary lists them), 2 when the model or
 the arguments are wrong, 130 on Ctrl-C.
+
+Many GPUs and machines: the same module under ``torchrun``, one process per GPU::
+
+    torchrun --nproc-per-node 8 [--nnodes 2 --node-rank R --master-addr HOST] \
+        -m app.database.extract -m vilt CKPT --pairs pairs.jsonl --out OUT --device cuda
+
+Launched by torchrun (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in the environment), rank ``r`` of
+``w`` takes the lines ``k`` with ``(k - 1) % w == r`` into its own database ``OUT/shard-RRRRR-of-WWWWW``
+(a normal VL-InterpreT database, with its own ``extract_runs.json``), under the ids a one-process run
+would give them; ``python -m app.database.merge OUT/shard-* --into DB`` then makes one database.
+Running the same command again (same number of processes) resumes every shard. ``first_id`` is
+decided by rank 0 (``--first-id``, else the one ``OUT/extract_runs.json`` remembers for the pairs
+file, else the id after every pairs file it remembers, 0 for a new ``OUT``) and sent to the others.
+``--device cuda`` puts each rank on ``cuda:LOCAL_RANK``.
+
+torchrun rather than accelerate: torchrun ships with torch (nothing to install or configure), and each
+rank only needs its rank, its world size and two small collectives (gloo, on CPU, whatever the model's
+device), not accelerate's model wrapping, mixed precision or data loaders. The process group exists
+because (1) the ranks of several machines share no file system, so ``first_id`` is broadcast from
+rank 0, and (2) torchrun stops every rank as soon as one exits non-zero, so a rank that had a bad
+line waits for the others (an all-reduce of the counts, which rank 0 prints) before exiting 1.
+
+No ``--batch-size`` and no ``--dtype``: the model API (``VL_Model.data_setup``) runs one pair at a
+time, and batching ViLT pads text and images to a common size, which changes the floating-point
+sums (so the stored values) of every example; bf16 or fp16 compute moves attention and hidden states
+by more than the float16 they are stored in, so the records would not be those of an fp32 run.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Optional
 
 from tqdm import tqdm
 
 from app.database.models import ModelLoadError, load_model, run_data_setup
 
 RUNS_FILE = "extract_runs.json"
+SHARD_NAME = "shard-{rank:05d}-of-{world:05d}"
+# The last collective waits for the slowest rank: as long as an extraction may take.
+COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
+REFUSED = -1  # the first_id rank 0 broadcasts when it refuses the run (its message says why)
 
 
 class PairError(ValueError):
@@ -46,6 +78,33 @@ class ExtractReport:
 
     def summary(self) -> str:
         return f"{len(self.added)} added, {len(self.skipped)} already in the database, {len(self.failed)} failed"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where torchrun put this process: global rank, number of processes, rank on this machine."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    def shard(self, out: str) -> str:
+        return os.path.join(out, SHARD_NAME.format(rank=self.rank, world=self.world))
+
+
+def torchrun_launch(environ=os.environ) -> Optional[Launch]:
+    """The Launch torchrun describes in the environment, None when not launched by torchrun."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    if not all(name in environ for name in names):
+        return None
+    try:
+        rank, world, local_rank = (int(environ[name]) for name in names)
+    except ValueError:
+        raise ValueError(f"torchrun's RANK, WORLD_SIZE, LOCAL_RANK are not integers: "
+                         f"{', '.join(repr(environ[n]) for n in names)}") from None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK {rank} is not in 0..WORLD_SIZE-1 ({world})")
+    return Launch(rank, world, local_rank)
 
 
 def parse_pair(line: str, base_dir: str) -> dict:
@@ -109,9 +168,44 @@ def _tsne_ready(log) -> None:
     wait_until_compiled(log)
 
 
+def model_params(params, device: Optional[str], launch: Optional[Launch]) -> list[str]:
+    """The model's parameters with ``--device`` appended: under torchrun ``cuda`` is this rank's GPU,
+    ``cuda:LOCAL_RANK`` (one process per GPU); any other device string is passed as given."""
+    if device is None:
+        return list(params)
+    return [*params, f"cuda:{launch.local_rank}" if launch is not None and device == "cuda" else device]
+
+
+def sharded_first_id(pairs_path: str, out: str, requested: Optional[int], n_lines: int) -> int:
+    """Rank 0's ``first_id`` for a sharded run into the folder ``out`` (see the module docstring),
+    remembered with the number of lines in ``out/extract_runs.json``; ValueError when refused."""
+    if os.path.isfile(os.path.join(out, "data.mdb")):
+        raise ValueError(f"{out} is a database; a torchrun extraction writes shard databases into a folder "
+                         f"(OUT/shard-*): give a new or shard folder as --out")
+    os.makedirs(out, exist_ok=True)
+    runs = _load_runs(out)
+    key = _run_key(pairs_path, out)
+    if key in runs:
+        remembered = int(runs[key]["first_id"])
+        if requested is not None and requested != remembered:
+            raise ValueError(f"{pairs_path} was extracted into {out} from id {remembered}; --first-id "
+                             f"{requested} disagrees (remove {_runs_path(out)} to start over)")
+        first_id = remembered
+    elif requested is not None:
+        first_id = requested
+    else:  # after the ids of every pairs file extracted into these shards before
+        first_id = max((int(r["first_id"]) + int(r.get("lines", 0)) for r in runs.values()), default=0)
+    entry = {"first_id": first_id, "lines": max(n_lines, int(runs.get(key, {}).get("lines", 0)))}
+    if runs.get(key) != entry:  # new, or the pairs file grew
+        runs[key] = entry
+        _save_runs(out, runs)
+    return first_id
+
+
 def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, progress: bool = True,
-            log=None) -> ExtractReport:
-    """Run ``model`` on every line of ``pairs_path`` into ``db`` (see the module docstring)."""
+            log=None, rank: int = 0, world: int = 1) -> ExtractReport:
+    """Run ``model`` on every line of ``pairs_path`` into ``db`` (see the module docstring); with
+    ``world`` > 1, only the lines ``k`` with ``(k - 1) % world == rank`` (a torchrun shard)."""
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     with open(pairs_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
@@ -133,7 +227,9 @@ def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, p
 
     report = ExtractReport()
     _tsne_ready(log)
-    bar = tqdm(enumerate(lines, start=1), total=len(lines), desc="extracting", unit="pair", disable=not progress)
+    mine = [(number, line) for number, line in enumerate(lines, start=1) if (number - 1) % world == rank]
+    desc = "extracting" if world == 1 else f"extracting (rank {rank} of {world})"
+    bar = tqdm(mine, desc=desc, unit="pair", disable=not progress)
     for number, line in bar:
         if not line.strip():
             continue
@@ -166,47 +262,111 @@ def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, p
 def main(argv=None, prog: str = "python -m app.database.extract") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Run a live model over a JSON-lines file of (image, text[, label]) pairs into a database.",
+        description="Run a live model over a JSON-lines file of (image, text[, label]) pairs into a database "
+                    "(under torchrun: one shard database per process in the --out folder).",
     )
     parser.add_argument("-m", "--model", required=True, help="model module in app/database/models/ (e.g. vilt)")
     parser.add_argument("params", nargs="*", help="the model's parameters (for vilt: CHECKPOINT [DEVICE])")
     parser.add_argument("--pairs", required=True, help='JSON lines: {"image": PATH, "text": STR, "label": STR}')
-    parser.add_argument("--out", required=True, help="database directory (created when missing)")
+    parser.add_argument("--out", required=True, help="database directory (created when missing); under "
+                                                     "torchrun the folder of the shard databases")
     parser.add_argument("--first-id", type=int, default=None, help="example id of line 1 (default: next free)")
+    parser.add_argument("--device", default=None,
+                        help="torch device, passed as the model's last parameter (vilt: its DEVICE); "
+                             "under torchrun 'cuda' means cuda:LOCAL_RANK")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)
 
     if not os.path.isfile(args.pairs):
         print(f"error: pairs file not found: {args.pairs}", file=sys.stderr)
         return 2
-    from app.database.tsne import compile_in_background  # noqa: PLC0415 - keep `--help` fast
-    compile_in_background()  # built while the model loads, so that the ETA never counts it
     try:
-        model = load_model(args.model, args.params)
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from app.database.database import VliLmdb  # noqa: PLC0415 - keep `--help` fast
-
-    db = VliLmdb(args.out, read_only=False)
-    try:
-        report = extract(model, args.pairs, db, args.out, first_id=args.first_id, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print("\ninterrupted: every finished line is stored; run the same command again to resume",
-              file=sys.stderr)
-        return 130
+        launch = torchrun_launch()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if launch is None:
+        return _extract_into(args, args.out, args.first_id, None)[0]
+    import torch.distributed as dist  # noqa: PLC0415 - only under torchrun
+
+    dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)  # env:// from torchrun's MASTER_ADDR/PORT
+    try:
+        return _run_rank(args, launch)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_rank(args, launch: Launch) -> int:
+    """One torchrun rank: agree on first_id, extract this rank's lines into its shard, then wait for
+    every rank and (rank 0) print the totals (see the module docstring for why)."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    first_id = REFUSED
+    if launch.rank == 0:
+        try:
+            with open(args.pairs, encoding="utf-8") as f:
+                n_lines = len(f.read().splitlines())
+            first_id = sharded_first_id(args.pairs, args.out, args.first_id, n_lines)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+    agreed = torch.tensor([first_id], dtype=torch.int64)
+    dist.broadcast(agreed, src=0)
+    if int(agreed) == REFUSED:
+        if launch.rank != 0:
+            print(f"rank {launch.rank}: rank 0 refused the run (see its message)", file=sys.stderr)
+        return 2
+    rc, report = _extract_into(args, launch.shard(args.out), int(agreed), launch)
+    if rc == 130:
+        return rc  # Ctrl-C reaches every rank: none waits for the others
+    counts = torch.tensor([0, 0, 0, 1] if report is None else
+                          [len(report.added), len(report.skipped), len(report.failed), 0], dtype=torch.int64)
+    dist.all_reduce(counts)  # waits for every rank: torchrun stops the others when one exits non-zero
+    if launch.rank == 0:
+        added, skipped, failed, not_run = (int(c) for c in counts)
+        line = f"all {launch.world} ranks: {added} added, {skipped} already in the shards, {failed} failed"
+        if not_run:
+            line += f"; {not_run} rank(s) could not run (see their messages)"
+        print(line + f"; merge with: python -m app.database.merge {os.path.join(args.out, 'shard-*')} --into DB",
+              file=sys.stderr)
+    return rc
+
+
+def _extract_into(args, out: str, first_id: Optional[int], launch: Optional[Launch]):
+    """Load the model and extract into the database ``out``: (exit status, ExtractReport or None
+    when the run could not start)."""
+    who = "" if launch is None else f"rank {launch.rank}: "
+    params = model_params(args.params, args.device, launch)
+    from app.database.tsne import compile_in_background  # noqa: PLC0415 - keep `--help` fast
+    compile_in_background()  # built while the model loads, so that the ETA never counts it
+    try:
+        model = load_model(args.model, params)
+    except ModelLoadError as e:
+        print(f"{who}error: {e}", file=sys.stderr)
+        return 2, None
+    from app.database.database import VliLmdb  # noqa: PLC0415 - keep `--help` fast
+
+    db = VliLmdb(out, read_only=False)
+    try:
+        report = extract(model, args.pairs, db, out, first_id=first_id,
+                         progress=not args.no_progress and (launch is None or launch.local_rank == 0),
+                         rank=0 if launch is None else launch.rank, world=1 if launch is None else launch.world)
+    except KeyboardInterrupt:
+        print(f"\n{who}interrupted: every finished line is stored; run the same command again to resume",
+              file=sys.stderr)
+        return 130, None
+    except ValueError as e:
+        print(f"{who}error: {e}", file=sys.stderr)
+        return 2, None
     finally:
         db.close()
-    print(report.summary(), file=sys.stderr)
+    print(who + report.summary(), file=sys.stderr)
     if report.failed:
-        print("failed lines:", file=sys.stderr)
+        print(f"{who}failed lines:", file=sys.stderr)
         for number, message in sorted(report.failed.items()):
             print(f"  line {number}: {message}", file=sys.stderr)
-        return 1
-    return 0
+        return 1, report
+    return 0, report
 
 
 if __name__ == "__main__":
