@@ -7,7 +7,7 @@ from dash import html
 from app import ids
 from app.context import AppContext
 from app.database.database import CorruptValueError
-from app.panels import dataset, example, heads, hidden, tokens
+from app.panels import dataset, example, heads, hidden, interventions, tokens
 from app.panels.common import error_banner
 
 TITLE = "VL-InterpreT"
@@ -34,7 +34,8 @@ def _page(ctx: AppContext, add_panel, ex_ids: list, first, drawn: bool, damaged:
                                             className="muted")], className="brand"),
         example.layout(ctx, first),
     ], className="topbar")
-    left = [heads.layout(ctx, first)] + ([add_panel.layout(ctx)] if add_panel is not None else [])
+    left = [heads.layout(ctx, first)] + ([add_panel.layout(ctx)] if add_panel is not None else []) \
+        + ([interventions.layout(ctx)] if interventions.available(ctx) else [])
     grid = html.Main([html.Div(left, className="col col-left"),
                       html.Div(tokens.layout(ctx, first), className="col col-mid"),
                       html.Div(hidden.layout(ctx, first), className="col col-right")], className="grid")

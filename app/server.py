@@ -34,7 +34,7 @@ from app import ids, page
 from app.context import AppContext
 from app.database.database import CorruptValueError, DatabaseError, VliLmdb
 from app.jobs import BOUNDED_LOG_RECORDS, shorten
-from app.panels import add_example, dataset, example, heads, hidden, tokens
+from app.panels import add_example, dataset, example, heads, hidden, interventions, tokens
 from app.panels.add_example import MAX_BYTES, MAX_REQUEST_BYTES, format_size
 from app.panels.common import error_style
 
@@ -94,6 +94,8 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
         panel.register_callbacks(app, ctx)
     if add_panel is not None:
         add_panel.register_callbacks(app, ctx)
+    if interventions.available(ctx):
+        interventions.register_callbacks(app, ctx)
     app.vli_context = ctx  # for tests and benchmarks
     _warm_up()
     return app

@@ -30,8 +30,10 @@ patches, and samples a subset when ``config.max_image_length`` is positive) and 
 does with ``image_embeds``), and uses the returned ``patch_index`` to know the real patch of every
 image token. The tokens, attention and hidden states are then permuted into row-major order.
 """
+import contextlib
 import os
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,6 +59,34 @@ IMAGE_CLS = "[CLS]"
 RELEVANCY_HEADS = ("ViltForQuestionAnswering", "ViltForImageAndTextRetrieval")  # a score to explain
 HINT_KEY = "vl_interpret_hint"  # optional config.json key: what images the checkpoint expects
 CUT_TEXT_CHARS = 200  # how much of a cut text the note quotes
+
+
+TOP_ANSWERS = 5  # answers listed in a re-run's prediction
+
+
+@contextlib.contextmanager
+def _hooked(hooks):
+    """Register ``[(module, "pre" | "post", function), ...]`` as forward (pre-)hooks for the ``with``
+    block only: hooks are global state of the shared model, so every one is removed on the way out,
+    also when the block (or a registration) raises."""
+    handles = []
+    try:
+        for module, kind, function in hooks:
+            handles.append(module.register_forward_pre_hook(function) if kind == "pre"
+                           else module.register_forward_hook(function))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class _Rerun:
+    """A stored example's inputs, ready for the model: its image tokens in the stored order."""
+    fixed: dict  # input_ids, attention_mask, token_type_ids, image_embeds (batch of 1)
+    pixel_mask: torch.Tensor  # (1, 1 + patches): image [CLS], then the patches
+    txt_len: int
+    tokens: list
 
 
 def _checkpoint_location(model: str) -> str:
@@ -115,20 +145,7 @@ class Vilt(VL_Model):
         """
         image = self.load_image(image_location)
         max_length = int(self.config.max_position_embeddings)
-        inputs = self.processor(
-            images=image,
-            text=input_text,
-            return_tensors="pt",
-            padding=False,
-            truncation=True,
-            max_length=max_length,
-        )
-        # a processor configured to pad anyway: keep only the real tokens, never store [PAD]
-        real = inputs["attention_mask"][0].bool()
-        for key in ("input_ids", "attention_mask", "token_type_ids"):
-            if key in inputs:
-                inputs[key] = inputs[key][:, real]
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs = self._inputs(image, input_text)
         input_ids = inputs["input_ids"]
         explained = self.architecture in RELEVANCY_HEADS
         with self._lock:
@@ -197,6 +214,23 @@ class Vilt(VL_Model):
             if label is not None:
                 record["accuracy"] = same_answer(prediction["answer"], label)
         return record
+
+    def _inputs(self, image, text: str) -> dict:
+        """The processor's tensors for one pair, on the model's device, cut to the model's length."""
+        inputs = self.processor(
+            images=image,
+            text=text,
+            return_tensors="pt",
+            padding=False,
+            truncation=True,
+            max_length=int(self.config.max_position_embeddings),
+        )
+        # a processor configured to pad anyway: keep only the real tokens, never store [PAD]
+        real = inputs["attention_mask"][0].bool()
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if key in inputs:
+                inputs[key] = inputs[key][:, real]
+        return {k: v.to(self.device) for k, v in inputs.items()}
 
     # ------------------------------------------------------------------------------------------
     def _seen_text(self, input_text: str, txt_len: int, max_length: int) -> tuple[str, list[str]]:
@@ -276,3 +310,152 @@ class Vilt(VL_Model):
             words = self.processor.tokenizer.convert_ids_to_tokens(ids.tolist())
             return {"answer": " ".join(words), "score": float(best.prod())}
         return None
+
+    # ------------------------------------------------------------------------------------------
+    # Interventions on a stored example (see VL_Model): the model re-run on its image and text with
+    # its image tokens in the stored order (patches row-major, or as ``patches`` lists them), so that a
+    # token position means the same token in the record and in the re-run.
+    @property
+    def supports_interventions(self) -> bool:
+        return self.architecture in RELEVANCY_HEADS  # a prediction made from a score
+
+    def predict(self, image, text: str, patches=None) -> dict:
+        with self._lock:
+            run = self._rerun(image, text, patches)
+            return self._rerun_prediction(self._logits(run)[0], run)
+
+    def ablate(self, image, text: str, heads, patches=None) -> dict:
+        by_layer = self._heads_by_layer(heads)
+        head_dim = int(self.config.hidden_size) // int(self.config.num_attention_heads)
+
+        def zero_heads(zeroed):
+            def hook(_module, args):
+                # the input of attention.output.dense is the heads' contexts side by side: (batch, n, heads*dim)
+                context = args[0].clone()
+                for head in zeroed:
+                    context[..., head * head_dim:(head + 1) * head_dim] = 0
+                return (context, *args[1:])
+            return hook
+
+        hooks = [(self.vilt.encoder.layer[layer].attention.output.dense, "pre", zero_heads(zeroed))
+                 for layer, zeroed in by_layer.items()]
+        with self._lock:
+            run = self._rerun(image, text, patches)
+            with _hooked(hooks):
+                logits = self._logits(run)
+            return self._rerun_prediction(logits[0], run)
+
+    def mask_patches(self, image, text: str, removed_sets, patches=None) -> list:
+        """Removing an image token sets its ``pixel_mask`` entry to 0: no token attends to it any more
+        (as Chefer et al.'s perturbation test and bench/faithfulness.py do; nothing is painted over)."""
+        with self._lock:
+            run = self._rerun(image, text, patches)
+            n = len(run.tokens)
+            masks = run.pixel_mask.repeat(len(removed_sets), 1)
+            for row, removed in enumerate(removed_sets):
+                for position in removed:
+                    if isinstance(position, bool) or not isinstance(position, (int, np.integer)) \
+                            or not run.txt_len <= position < n:
+                        raise ValueError(f"removed token {position!r}: not an image token position "
+                                         f"({run.txt_len}..{n - 1})")
+                    masks[row, int(position) - run.txt_len] = 0
+            logits = self._logits(run, masks) if len(removed_sets) else []
+            return [self._rerun_prediction(row, run) for row in logits]
+
+    def patch_activations(self, clean, corrupted, columns) -> dict:
+        with self._lock:
+            source, target = self._rerun(*clean), self._rerun(*corrupted)
+            if (source.txt_len, len(source.tokens)) != (target.txt_len, len(target.tokens)):
+                raise ValueError(f"the clean input has {source.txt_len} text and {len(source.tokens) - source.txt_len} "
+                                 f"image tokens, the corrupted one {target.txt_len} and "
+                                 f"{len(target.tokens) - target.txt_len}: positions would not match")
+            n = len(source.tokens)
+            columns = [[int(p) for p in column] for column in columns]
+            bad = [column for column in columns if not column or not all(0 <= p < n for p in column)]
+            if bad:
+                raise ValueError(f"columns: {bad[0]} is not a non-empty list of positions in 0..{n - 1}")
+            states, clean_logits = self._logits(source, hidden_states=True)
+            clean_prediction = self._rerun_prediction(clean_logits[0], source)
+            corrupted_prediction = self._rerun_prediction(self._logits(target)[0], target)
+            answer = clean_prediction["index"]
+            patched = np.zeros((len(self.vilt.encoder.layer), len(columns)), dtype=np.float32)
+            for layer, module in enumerate(self.vilt.encoder.layer):
+                clean_state = states[layer + 1][0]  # the output of this layer (hidden_states[0]: the embeddings)
+
+                def patch_in(_module, _args, output, clean_state=clean_state):
+                    hidden = output[0].clone()
+                    for row, positions in enumerate(columns):
+                        hidden[row, positions] = clean_state[positions]
+                    return (hidden, *output[1:])
+
+                with _hooked([(module, "post", patch_in)]):
+                    logits = self._logits(target, target.pixel_mask.repeat(len(columns), 1))
+                patched[layer] = logits[:, answer].float().cpu().numpy()
+            return {"clean": clean_prediction, "corrupted": corrupted_prediction, "patched": patched}
+
+    def _heads_by_layer(self, heads) -> dict:
+        """{layer: [heads]} of ``[(layer, head), ...]``, each checked against the model's size."""
+        n_layers, n_heads = int(self.config.num_hidden_layers), int(self.config.num_attention_heads)
+        by_layer = {}
+        for pair in heads:
+            layer, head = pair
+            if not (isinstance(layer, (int, np.integer)) and isinstance(head, (int, np.integer))
+                    and 0 <= layer < n_layers and 0 <= head < n_heads):
+                raise ValueError(f"heads: ({layer!r}, {head!r}) is not a (layer, head) pair of this model "
+                                 f"({n_layers} layers x {n_heads} heads, 0-based)")
+            by_layer.setdefault(int(layer), set()).add(int(head))
+        return {layer: sorted(zeroed) for layer, zeroed in sorted(by_layer.items())}
+
+    def _rerun(self, image, text: str, patches=None) -> _Rerun:
+        """The inputs for ``image`` and ``text``: every valid patch embedded (no sampling), then the image
+        tokens put in the stored order. ViLT's encoder has no notion of order beyond the position
+        embeddings already added to each token, so the order changes nothing but the positions."""
+        inputs = self._inputs(image, text)
+        with torch.no_grad():
+            embeds, mask, (patch_index, (rows, cols)) = self.vilt.embeddings.visual_embed(
+                inputs["pixel_values"], inputs["pixel_mask"], max_image_length=-1)
+        found = {(int(c), int(r)): i for i, ((r, c), valid) in
+                 enumerate(zip(patch_index[0].tolist(), mask[0, 1:].tolist())) if valid}
+        if patches is None:
+            patches = sorted(found, key=lambda xy: (xy[1], xy[0]))
+        patches = [tuple(int(v) for v in xy) for xy in patches]
+        missing = [xy for xy in patches if xy not in found]
+        if missing:
+            raise ValueError(f"patches: {missing[0]} is not a patch of the image's {int(rows)} x {int(cols)} "
+                             "patch grid (rows x cols)")
+        keep = torch.tensor([0] + [1 + found[xy] for xy in patches], device=embeds.device)
+        input_ids = inputs["input_ids"]
+        fixed = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"],
+                 "token_type_ids": inputs.get("token_type_ids"), "image_embeds": embeds[:, keep]}
+        text_tokens = self.processor.tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
+        return _Rerun(fixed={k: v for k, v in fixed.items() if v is not None}, pixel_mask=mask[:, keep],
+                      txt_len=int(input_ids.shape[1]),
+                      tokens=list(text_tokens) + [IMAGE_CLS] + [f"IMG_{x},{y}" for x, y in patches])
+
+    def _logits(self, run: _Rerun, pixel_mask=None, hidden_states: bool = False):
+        """The logits (batch, answers) of ``run``, one row per row of ``pixel_mask`` (default: the
+        run's own); with ``hidden_states``, (the hidden states, the logits)."""
+        mask = run.pixel_mask if pixel_mask is None else pixel_mask
+        batch = mask.shape[0]
+        fixed = {k: v.expand(batch, *v.shape[1:]) for k, v in run.fixed.items()}
+        with torch.no_grad():
+            out = self.net(**fixed, pixel_mask=mask, output_hidden_states=hidden_states, return_dict=True)
+        return (out.hidden_states, out.logits) if hidden_states else out.logits
+
+    def _rerun_prediction(self, logits, run: _Rerun) -> dict:
+        """A prediction dict (see VL_Model) of one row of logits: VQA scores are the answers'
+        probabilities, as in :meth:`_prediction`; retrieval has one score, the match logit."""
+        logits = logits.detach().float().cpu()
+        if self.architecture == "ViltForQuestionAnswering":
+            single = getattr(self.config, "problem_type", None) == "single_label_classification"
+            scores = logits.softmax(-1) if single else torch.sigmoid(logits)
+            order = scores.argsort(descending=True)[:TOP_ANSWERS].tolist()
+            names = [str(self.config.id2label.get(i, str(i))) for i in order]
+            answer, index = names[0], order[0]
+        else:
+            scores, index = logits, 0
+            answer = "match" if float(logits[0]) > 0 else "no match"
+            order, names = [0], [answer]
+        return {"answer": answer, "score": float(scores[index]), "index": int(index),
+                "top": [[name, float(scores[i])] for name, i in zip(names, order)],
+                "logits": logits.numpy(), "scores": scores.numpy(), "tokens": run.tokens}

@@ -80,6 +80,33 @@ class VL_Model(abc.ABC):  # noqa: N801 - the name users' existing classes subcla
         "scenes like those in data/val/ (96×96)"), or None when it does not say."""
         return None
 
+    # Interventions: the model re-run on a stored example, changed on the way (the "Interventions" panel,
+    # present only when ``supports_interventions`` is true). ``image``, ``text``: the example's stored
+    # image and text; ``patches``: its image tokens' (x, y) in stored order (None: the whole grid,
+    # row-major). Token positions are in the stored order (text, image special tokens, patches). A
+    # prediction is {"answer", "score", "index" (into "logits"), "top": [[answer, score], ...],
+    # "logits", "scores" (float32 arrays over the answers), "tokens" (the re-run's tokens)}.
+    supports_interventions = False
+
+    def predict(self, image, text: str, patches=None) -> dict:
+        """The prediction of an unchanged re-run (what the interventions are compared with)."""
+        raise NotImplementedError(f"{type(self).__name__} does not re-run stored examples")
+
+    def ablate(self, image, text: str, heads, patches=None) -> dict:
+        """The prediction with the heads ``[(layer, head), ...]`` (0-based) zeroed."""
+        raise NotImplementedError(f"{type(self).__name__} does not ablate heads")
+
+    def mask_patches(self, image, text: str, removed_sets, patches=None) -> list:
+        """One prediction per list of image token positions in ``removed_sets``, those tokens removed."""
+        raise NotImplementedError(f"{type(self).__name__} does not mask image tokens")
+
+    def patch_activations(self, clean, corrupted, columns) -> dict:
+        """Activation patching: ``clean``, ``corrupted`` are ``(image, text, patches)``; for every layer
+        and every list of positions in ``columns``, the clean answer's logit when the corrupted run gets
+        the clean run's output of that layer at those positions. Returns {"clean", "corrupted"
+        (predictions), "patched" (float32 (n_layers, len(columns)))}."""
+        raise NotImplementedError(f"{type(self).__name__} does not patch activations")
+
     @staticmethod
     def load_image(path) -> np.ndarray:
         """:func:`load_image`, for use as ``self.load_image(path)`` in subclasses."""

@@ -1,0 +1,197 @@
+"""Interventions on a stored example: the live model re-run with heads zeroed, image patches removed,
+or another example's hidden states patched in (the model side of the "Interventions" panel; no Dash).
+
+Every run starts from what the example stores: its image (the one the model saw), its text and its
+image tokens' patches in stored order, so a token position means the same token in the database and
+in the re-run (the re-run's tokens are checked against the stored ones). The comparison is always
+with an unchanged re-run, not with the stored prediction, so that both sides saw the same pixels.
+
+Results are cached in memory per (example, settings): an :class:`Interventions` lives as long as the
+app, and a repeated request answers without running the model.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from app.database.analysis import deletion_order
+from app.figures import token_labels
+
+FRACTIONS = tuple(round(0.1 * i, 1) for i in range(10))  # of the patches removed: 0 %, 10 %, ..., 90 %
+METHODS = ("attention", "rollout", "relevancy")  # the attention panel's methods (app.panels.tokens.METHODS)
+QUERY = 0  # the first text token, [CLS]: what ViLT's pooler (and so its answer) reads
+CACHE_SIZE = 128  # results kept (each a few predictions)
+
+
+class InterventionError(ValueError):
+    """An intervention that cannot run on this example; the message names the example and the field."""
+
+
+@dataclass(frozen=True)
+class DeletionCurve:
+    """The score of the original answer as the most relevant patches go, ``fractions`` of them."""
+    method: str
+    fractions: tuple
+    removed: tuple  # patches removed at each fraction
+    scores: tuple  # the original answer's score after each removal
+    answers: tuple  # the top answer after each removal
+    original: dict  # the unchanged re-run's prediction
+
+
+@dataclass(frozen=True)
+class Patching:
+    """Activation patching of ``clean`` into ``corrupted``: ``difference[l, c]`` is the clean answer's
+    logit when layer ``l``'s output at column ``c``'s positions comes from the clean run, minus that
+    logit in the corrupted run; ``recovered`` divides it by the clean run's margin (1: all recovered)."""
+    clean: int
+    corrupted: int
+    columns: tuple  # column labels
+    difference: np.ndarray  # float32 (n_layers, columns)
+    recovered: Optional[np.ndarray]  # None when the clean and corrupted logits are equal
+    clean_prediction: dict
+    corrupted_prediction: dict
+
+
+def stored_input(db, ex_id: int) -> tuple:
+    """(image, text, patches) of a stored example, what the model is re-run on."""
+    info = db.example(ex_id)
+    if not info.text:
+        raise InterventionError(f"example {ex_id}: no text stored (field text), so the model cannot be re-run on it")
+    if not info.grid:
+        raise InterventionError(f"example {ex_id}: no image patches (field img_coords), so the model cannot be "
+                                "re-run on it")
+    patches = [xy for xy in info.coords[info.txt_len:] if xy is not None]
+    return db.image(ex_id), info.text, patches
+
+
+def patch_positions(info) -> list[int]:
+    """Token positions of the image patches (image tokens with a coordinate)."""
+    return [i for i in range(info.txt_len, info.n_tokens) if info.coords[i] is not None]
+
+
+def patch_relevance(db, ex_id: int, method: str) -> np.ndarray:
+    """float32 (patches,): how much the answer uses each patch by ``method``, as the [CLS] query's
+    row read from the database: the last layer's attention (mean of heads), the rollout through every
+    layer, or the gradient relevancy of the prediction."""
+    info = db.example(ex_id)
+    if method == "attention":
+        row = db.attention(ex_id, db.n_layers - 1, None, [QUERY])
+    elif method == "rollout":
+        row = db.rollout(ex_id, db.n_layers - 1, [QUERY])
+    elif method == "relevancy":
+        row = db.relevancy(ex_id, [QUERY])
+        if row is None:
+            raise InterventionError(f"example {ex_id}: no gradient relevancy stored (field relevancy); "
+                                    "pick attention or rollout")
+    else:
+        raise InterventionError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    return np.asarray(row, dtype=np.float32)[patch_positions(info)]
+
+
+def deletion_sets(relevance: np.ndarray, positions: list[int], fractions=FRACTIONS) -> list[list[int]]:
+    """The token positions removed at each fraction: the most relevant ``round(f * patches)`` first."""
+    order = deletion_order(relevance, positive=True)
+    return [[positions[i] for i in order[: int(round(f * len(positions)))]] for f in fractions]
+
+
+def patching_columns(info) -> tuple[list[str], list[list[int]]]:
+    """What activation patching patches, column by column: each text token, each image-side special
+    token, all the image patches together, and every position (which restores the clean run)."""
+    labels = token_labels(info.tokens, info.coords)
+    columns = [[i] for i in range(info.n_tokens) if info.coords[i] is None]
+    names = [f"{i} {labels[i]}" for (i,) in columns]
+    return names + ["all patches", "all positions"], columns + [patch_positions(info), list(range(info.n_tokens))]
+
+
+class Interventions:
+    """The interventions of one app: its database and its live model, with a cache of the results."""
+
+    def __init__(self, db, model):
+        self.db = db
+        self.model = model
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _cached(self, key, compute):
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        value = compute()  # outside the lock: the model has its own, other requests read the cache
+        with self._lock:
+            self._cache[key] = value
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return value
+
+    def _checked(self, ex_id: int, prediction: dict) -> dict:
+        stored = list(self.db.example(ex_id).tokens)
+        if list(prediction["tokens"]) != stored:
+            raise InterventionError(f"example {ex_id}: the model's tokens for the stored text and image differ "
+                                    f"from the stored ones (field tokens): was it made by another model?")
+        return prediction
+
+    def original(self, ex_id: int) -> dict:
+        """The prediction of the unchanged re-run."""
+        return self._cached(("original", ex_id), lambda: self._checked(
+            ex_id, self.model.predict(*stored_input(self.db, ex_id))))
+
+    def ablation(self, ex_id: int, heads) -> dict:
+        """The prediction with ``heads`` ([(layer, head)], 0-based) zeroed."""
+        heads = tuple(sorted({(int(layer), int(head)) for layer, head in heads}))
+        if not heads:
+            raise InterventionError(f"example {ex_id}: no head to ablate (field heads)")
+        image, text, patches = stored_input(self.db, ex_id)
+        return self._cached(("ablate", ex_id, heads), lambda: self._checked(
+            ex_id, self.model.ablate(image, text, list(heads), patches=patches)))
+
+    def masked(self, ex_id: int, tokens) -> dict:
+        """The prediction with the image patches at token positions ``tokens`` removed."""
+        info = self.db.example(ex_id)
+        removed = tuple(sorted(set(tokens) & set(patch_positions(info))))
+        if not removed:
+            raise InterventionError(f"example {ex_id}: no image patch selected to remove (field tokens)")
+        image, text, patches = stored_input(self.db, ex_id)
+        return self._cached(("mask", ex_id, removed), lambda: self._checked(
+            ex_id, self.model.mask_patches(image, text, [list(removed)], patches=patches)[0]))
+
+    def deletion_curve(self, ex_id: int, method: str) -> DeletionCurve:
+        """The original answer's score as the most relevant patches by ``method`` are removed."""
+        def compute():
+            info = self.db.example(ex_id)
+            sets = deletion_sets(patch_relevance(self.db, ex_id, method), patch_positions(info))
+            image, text, patches = stored_input(self.db, ex_id)
+            original = self.original(ex_id)
+            runs = self.model.mask_patches(image, text, sets, patches=patches)
+            return DeletionCurve(method, FRACTIONS, tuple(len(s) for s in sets),
+                                 tuple(float(r["scores"][original["index"]]) for r in runs),
+                                 tuple(r["answer"] for r in runs), original)
+        return self._cached(("deletion", ex_id, method), compute)
+
+    def patching(self, clean: int, corrupted: int) -> Patching:
+        """Activation patching from example ``clean`` into example ``corrupted`` (same token layout)."""
+        a, b = self.db.example(clean), self.db.example(corrupted)
+        if (a.txt_len, a.n_tokens) != (b.txt_len, b.n_tokens):
+            raise InterventionError(
+                f"example {corrupted} has {b.txt_len} text and {b.n_tokens - b.txt_len} image tokens, example "
+                f"{clean} {a.txt_len} and {a.n_tokens - a.txt_len} (field tokens): activation patching needs "
+                "the same tokens at the same positions; pick an example with as many of each")
+
+        def compute():
+            names, columns = patching_columns(a)
+            result = self.model.patch_activations(stored_input(self.db, clean), stored_input(self.db, corrupted),
+                                                  columns)
+            clean_prediction = self._checked(clean, result["clean"])
+            corrupted_prediction = self._checked(corrupted, result["corrupted"])
+            answer = clean_prediction["index"]
+            base = float(corrupted_prediction["logits"][answer])
+            margin = float(clean_prediction["logits"][answer]) - base
+            difference = (np.asarray(result["patched"], dtype=np.float32) - base).astype(np.float32)
+            recovered = (difference / margin).astype(np.float32) if margin != 0 else None
+            return Patching(clean, corrupted, tuple(names), difference, recovered, clean_prediction,
+                            corrupted_prediction)
+        return self._cached(("patching", clean, corrupted), compute)

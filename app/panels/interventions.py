@@ -1,0 +1,230 @@
+"""The "Interventions" panel: the live model re-run on the current example, changed on the way, to test
+what the other views suggest (app.interventions does the runs; this is layout and callbacks).
+
+- Head ablation: the heads chosen (the head summary's selection, a whole layer when it is a layer
+  mean, and / or heads picked here) are zeroed; the top answers before and after.
+- Patch deletion: the original answer's score as the patches are removed, most relevant first by the
+  attention panel's method (a deletion curve); or the attention panel's selected patches removed.
+- Activation patching: the current example is the clean run, the one picked here the corrupted run;
+  each layer's output at each text token (and at all patches, and everywhere) is patched from the clean
+  run into the corrupted one, and the recovered logit of the clean answer is drawn per layer.
+
+Present only when the loaded model re-runs stored examples (``supports_interventions``). The model
+runs only on a button press, in the server process, one run at a time (the model's lock); results
+are cached per example and settings. ``dcc.Loading`` shows that it is running.
+"""
+from __future__ import annotations
+
+import re
+
+from dash import Input, Output, State, ctx as dctx, dcc, html, no_update
+from dash.exceptions import PreventUpdate
+
+from app import figures, ids
+from app.interventions import InterventionError, Interventions
+from app.panels.common import example_info, head_selection, panel, selected_tokens
+from app.panels.tokens import attention_method
+
+USE_SELECTED = "selected"  # IV_USE_SELECTED's value: ablate the head summary's selection
+HEAD_VALUE = re.compile(r"(\d{1,4})-(\d{1,4}|all)")  # IV_HEADS values: "layer-head" or "layer-all", 0-based
+HIDDEN = {"display": "none"}
+SHOWN = {}
+
+
+def available(ctx) -> bool:
+    """Whether the page has this panel: a live model that re-runs stored examples."""
+    return ctx.model is not None and bool(getattr(ctx.model, "supports_interventions", False))
+
+
+def head_options(n_layers: int, n_heads: int) -> list[dict]:
+    """IV_HEADS' options: per layer, the whole layer, then each of its heads (1-based labels)."""
+    options = []
+    for layer in range(n_layers):
+        options.append({"label": f"layer {layer + 1}: all heads", "value": f"{layer}-all"})
+        options += [{"label": f"layer {layer + 1}, head {head + 1}", "value": f"{layer}-{head}"}
+                    for head in range(n_heads)]
+    return options
+
+
+def corrupted_options(db) -> list[dict]:
+    """IV_CORRUPTED's options: every example, with its token counts (patching needs equal ones)."""
+    options = []
+    for ex_id in db.example_ids():
+        info = db.example(ex_id)
+        options.append({"label": f"Example {ex_id} ({info.txt_len} text + {info.n_tokens - info.txt_len} image "
+                                 "tokens)", "value": ex_id})
+    return options
+
+
+def chosen_heads(db, use_selected, values, head_sel) -> list[tuple[int, int]]:
+    """The (layer, head) pairs to zero, 0-based, from the browser's values: the head summary's
+    selection (all heads of its layer for a layer mean) when ticked, and the heads picked here."""
+    if not isinstance(use_selected, list) or not (values is None or isinstance(values, list)):
+        raise PreventUpdate
+    n_layers, n_heads = db.n_layers, db.n_heads
+    if len(values or []) > n_layers * (n_heads + 1):
+        raise PreventUpdate
+    heads = set()
+    if USE_SELECTED in use_selected:
+        sel = head_selection(db, head_sel)
+        heads |= {(sel["layer"], h) for h in ([sel["head"]] if sel["head"] is not None else range(n_heads))}
+    for value in values or []:
+        match = HEAD_VALUE.fullmatch(value) if isinstance(value, str) else None
+        if match is None or int(match[1]) >= n_layers or (match[2] != "all" and int(match[2]) >= n_heads):
+            raise PreventUpdate
+        layer = int(match[1])
+        heads |= {(layer, h) for h in (range(n_heads) if match[2] == "all" else [int(match[2])])}
+    return sorted(heads)
+
+
+def heads_text(heads: list[tuple[int, int]], n_heads: int) -> str:
+    """"layer 2 (all heads), layer 3 head 1": what was zeroed, 1-based."""
+    parts = []
+    for layer in sorted({layer for layer, _ in heads}):
+        zeroed = [h for l, h in heads if l == layer]
+        parts.append(f"layer {layer + 1} (all heads)" if len(zeroed) == n_heads else
+                     f"layer {layer + 1} head{'s' if len(zeroed) > 1 else ''} {', '.join(str(h + 1) for h in zeroed)}")
+    return ", ".join(parts)
+
+
+def comparison(before: dict, after: dict, after_title: str) -> html.Table:
+    """The top answers of the unchanged re-run and of the changed one, side by side."""
+    rows = []
+    for i in range(max(len(before["top"]), len(after["top"]))):
+        cells = []
+        for prediction in (before, after):
+            answer, score = prediction["top"][i] if i < len(prediction["top"]) else ("", None)
+            cells += [html.Td(answer, className="iv-answer" + (" iv-changed" if i == 0 and after["answer"]
+                                                                != before["answer"] else "")),
+                      html.Td("" if score is None else f"{score:.3f}", className="iv-score")]
+        rows.append(html.Tr(cells))
+    header = html.Tr([html.Th("re-run", colSpan=2), html.Th(after_title, colSpan=2)])
+    return html.Table([html.Thead(header), html.Tbody(rows)], className="iv-table")
+
+
+def _error(error: InterventionError):
+    return html.Div(str(error), className="iv-error", role="alert")
+
+
+def layout(ctx):
+    db = ctx.db
+    loading = dict(type="dot", color=figures.IMAGE_COLOR, delay_show=150)
+    graph = dict(config={"displayModeBar": False}, style=HIDDEN)
+    return html.Div(panel(
+        "Interventions", "Re-run the model on this example, changed: see what the other views' heads and patches "
+        "do for the answer. The model runs when you press a button (a few seconds on a CPU for a large model).",
+        html.H3("Head ablation", className="iv-section"),
+        html.Div([
+            dcc.Checklist(id=ids.IV_USE_SELECTED, options=[{"label": " the head summary's selection",
+                                                            "value": USE_SELECTED}],
+                          value=[USE_SELECTED], className="iv-check"),
+            dcc.Dropdown(id=ids.IV_HEADS, options=head_options(db.n_layers, db.n_heads), multi=True,
+                         placeholder="and heads / layers…", className="iv-heads"),
+            html.Button("Zero them", id=ids.IV_ABLATE, className="btn"),
+        ], className="controls"),
+        dcc.Loading(html.Div(id=ids.IV_ABLATION, className="iv-result"), **loading),
+        html.H3("Patch deletion", className="iv-section"),
+        html.Div([
+            html.Button("Deletion curve", id=ids.IV_DELETION, className="btn",
+                        title="the answer's score as patches are removed, most relevant first by the attention "
+                              "panel's method (attention: last layer, mean of heads; all from [CLS])"),
+            html.Button("Remove the selected patches", id=ids.IV_MASK, className="btn",
+                        title="the patches selected in the attention panel"),
+        ], className="controls"),
+        dcc.Loading([dcc.Graph(id=ids.IV_DELETION_GRAPH, className="iv-graph", **graph),
+                     html.Div(id=ids.IV_MASKING, className="iv-result")], **loading),
+        html.H3("Activation patching", className="iv-section"),
+        html.Div([
+            dcc.Dropdown(id=ids.IV_CORRUPTED, options=corrupted_options(db), clearable=False,
+                         placeholder="corrupted example…", className="iv-corrupted"),
+            html.Button("Patch", id=ids.IV_PATCH, className="btn",
+                        title="this example is the clean run; the one picked the corrupted run"),
+        ], className="controls"),
+        dcc.Loading([dcc.Graph(id=ids.IV_PATCH_GRAPH, className="iv-graph", **graph),
+                     html.Div(id=ids.IV_PATCHING, className="iv-result")], **loading),
+        class_name="interventions",
+    ), id=ids.IV_PANEL)
+
+
+def register_callbacks(app, ctx):
+    db = ctx.db
+    runs = Interventions(db, ctx.model)
+
+    @app.callback(Output(ids.IV_ABLATION, "children"),
+                  Input(ids.IV_ABLATE, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
+                  State(ids.IV_USE_SELECTED, "value"), State(ids.IV_HEADS, "value"), State(ids.HEAD_STORE, "data"),
+                  prevent_initial_call=True)
+    def ablate(_clicks, ex_id, use_selected, values, head_sel):
+        if dctx.triggered_id != ids.IV_ABLATE:
+            return None  # another example: the last result is not about it
+        example_info(db, ex_id)
+        heads = chosen_heads(db, use_selected, values, head_sel)
+        if not heads:
+            return html.Div("Tick the head summary's selection or pick heads to zero.", className="iv-error")
+        try:
+            before, after = runs.original(ex_id), runs.ablation(ex_id, heads)
+        except InterventionError as error:
+            return _error(error)
+        return [html.Div(f"Zeroed: {heads_text(heads, db.n_heads)}", className="muted"),
+                comparison(before, after, "heads zeroed")]
+
+    @app.callback(Output(ids.IV_DELETION_GRAPH, "figure"), Output(ids.IV_DELETION_GRAPH, "style"),
+                  Output(ids.IV_MASKING, "children"),
+                  Input(ids.IV_DELETION, "n_clicks"), Input(ids.IV_MASK, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
+                  State(ids.ATT_METHOD, "value"), State(ids.SEL_STORE, "data"), prevent_initial_call=True)
+    def delete_patches(_curve, _mask, ex_id, method, sel):
+        trigger = dctx.triggered_id
+        if trigger not in (ids.IV_DELETION, ids.IV_MASK):
+            return no_update, HIDDEN, None
+        info = example_info(db, ex_id)
+        try:
+            if trigger == ids.IV_DELETION:
+                curve = runs.deletion_curve(ex_id, attention_method(method))
+                answer = curve.original["answer"]
+                fig = figures.deletion_curve_figure(curve.fractions, curve.scores, curve.answers, answer, method)
+                return fig, SHOWN, html.Div(
+                    f"Re-run answer '{answer}' ({curve.scores[0]:.3f}); with {100 * curve.fractions[-1]:.0f} % of the "
+                    f"patches removed ({curve.removed[-1]}): '{curve.answers[-1]}', '{answer}' "
+                    f"{curve.scores[-1]:.3f}.", className="muted")
+            tokens = selected_tokens(sel, ex_id, info.n_tokens)
+            patches = [t for t in tokens if t >= info.txt_len and info.coords[t] is not None]
+            if not patches:
+                return no_update, no_update, html.Div("Select image patches in the attention panel first (Select: "
+                                                      "image, then click, box or lasso).", className="iv-error")
+            before, after = runs.original(ex_id), runs.masked(ex_id, patches)
+        except InterventionError as error:
+            return no_update, no_update, _error(error)
+        return no_update, no_update, [html.Div(f"Removed {len(patches)} patch{'es' if len(patches) > 1 else ''}.",
+                                               className="muted"), comparison(before, after, "patches removed")]
+
+    @app.callback(Output(ids.IV_PATCH_GRAPH, "figure"), Output(ids.IV_PATCH_GRAPH, "style"),
+                  Output(ids.IV_PATCHING, "children"),
+                  Input(ids.IV_PATCH, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
+                  State(ids.IV_CORRUPTED, "value"), prevent_initial_call=True)
+    def patch_activations(_clicks, ex_id, corrupted):
+        if dctx.triggered_id != ids.IV_PATCH:
+            return no_update, HIDDEN, None
+        example_info(db, ex_id)
+        if corrupted is None:
+            return no_update, HIDDEN, html.Div("Pick the corrupted example first.", className="iv-error")
+        example_info(db, corrupted)
+        if corrupted == ex_id:
+            return no_update, HIDDEN, html.Div("Pick another example than this one as the corrupted run.",
+                                               className="iv-error")
+        try:
+            result = runs.patching(ex_id, corrupted)
+        except InterventionError as error:
+            return no_update, HIDDEN, _error(error)
+        clean, bad = result.clean_prediction, result.corrupted_prediction
+        answer = clean["answer"]
+        fig = figures.activation_patching_figure(result.difference, result.columns, result.recovered, answer)
+        margin = float(clean["logits"][clean["index"]] - bad["logits"][clean["index"]])
+        return fig, SHOWN, html.Div(
+            f"Clean (example {ex_id}): '{answer}'; corrupted (example {corrupted}): '{bad['answer']}'. The logit "
+            f"of '{answer}' is {margin:+.3f} higher in the clean run.", className="muted")
+
+    @app.callback(Output(ids.IV_CORRUPTED, "options"), Input(ids.EXAMPLE_SELECT, "options"),
+                  prevent_initial_call=True)
+    def refresh_examples(_options):
+        return corrupted_options(db)  # from the database, not from what the browser sent
+

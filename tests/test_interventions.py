@@ -1,0 +1,284 @@
+"""Interventions on a tiny ViLT: head ablation, patch removal and activation patching against
+computations made without the adapter's hooks, hooks always removed, and the cached results of
+app.interventions read from a database of the model's records."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app import figures
+from app.database.database import VliLmdb
+from app.database.models import load_model
+from app.interventions import FRACTIONS, InterventionError, Interventions, patching_columns
+from helpers import fast_tsne  # noqa: F401 (autouse: t-SNE is tested elsewhere)
+from tiny_vilt import build_tiny_vilt
+
+QUESTIONS = ["what color is the circle ?", "what color is the square ?", "how many are there ?"]
+
+
+def sensitive(model):
+    """The tiny random ViLT with its attention outputs scaled up, so that zeroing a head or patching
+    a state moves the logits well beyond float noise (at init the residual stream hides the heads)."""
+    with torch.no_grad():
+        for layer in model.vilt.encoder.layer:
+            layer.attention.output.dense.weight *= 40
+        model.net.classifier[-1].weight *= 20
+    return model
+
+
+@pytest.fixture(scope="module")
+def vilt(tmp_path_factory):
+    return sensitive(load_model("vilt", [build_tiny_vilt(tmp_path_factory.mktemp("tiny-vqa"))], progress=False))
+
+
+def write_image(path, seed, size=(80, 50)):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def records(vilt, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    return [vilt.data_setup(i, write_image(folder / f"{i}.png", i), q) for i, q in enumerate(QUESTIONS)]
+
+
+@pytest.fixture
+def db(tmp_path, records):
+    db = VliLmdb(tmp_path / "db", read_only=False)
+    for record in records:
+        db.add_record(copy.deepcopy(record))
+    yield db
+    db.close()
+
+
+def patches_of(record):
+    return [xy for xy in record["img_coords"] if xy is not None]
+
+
+def row_major_inputs(model, record):
+    """The model's inputs for a record, built here: the processor, every patch embedded, the image
+    tokens put in the record's order by their patch_index (not by the adapter's code)."""
+    inputs = model.processor(images=record["image"], text=record["text"], return_tensors="pt")
+    embeds, mask, (index, _) = model.vilt.embeddings.visual_embed(inputs["pixel_values"], inputs["pixel_mask"],
+                                                                  max_image_length=-1)
+    where = {(int(c), int(r)): i for i, (r, c) in enumerate(index[0].tolist())}
+    keep = [0] + [1 + where[xy] for xy in patches_of(record)]
+    fixed = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+             "token_type_ids": inputs["token_type_ids"]}
+    return fixed, embeds[:, keep], mask[:, keep]
+
+
+def logits_of(net, fixed, embeds, mask):
+    with torch.no_grad():
+        return net(**fixed, image_embeds=embeds, pixel_mask=mask).logits[0].numpy()
+
+
+def no_hooks(model) -> bool:
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.net.modules())
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+
+def test_rerun_matches_the_stored_record(vilt, records):
+    record = records[0]
+    prediction = vilt.predict(record["image"], record["text"], patches_of(record))
+    assert prediction["tokens"] == record["tokens"]
+    assert prediction["answer"] == record["prediction"]["answer"]
+    assert prediction["score"] == pytest.approx(record["prediction"]["score"], abs=1e-3)
+    assert np.allclose(prediction["logits"], logits_of(vilt.net, *row_major_inputs(vilt, record)), atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [[(0, 1)], [(1, 0), (1, 3)], [(0, h) for h in range(4)] + [(1, 2)]])
+def test_ablation_equals_zeroed_value_weights(vilt, records, heads):
+    """Zeroing a head's context at the output projection's input = a model whose value projection
+    for that head is zero (its context is then exactly zero)."""
+    record = records[0]
+    reference = copy.deepcopy(vilt.net)
+    head_dim = 32 // 4
+    with torch.no_grad():
+        for layer, head in heads:
+            value = reference.vilt.encoder.layer[layer].attention.attention.value
+            value.weight[head * head_dim:(head + 1) * head_dim] = 0
+            value.bias[head * head_dim:(head + 1) * head_dim] = 0
+    expected = logits_of(reference, *row_major_inputs(vilt, record))
+    ablated = vilt.ablate(record["image"], record["text"], heads, patches=patches_of(record))
+    original = vilt.predict(record["image"], record["text"], patches_of(record))
+    assert np.allclose(ablated["logits"], expected, atol=1e-4)
+    assert np.abs(ablated["logits"] - original["logits"]).max() > 1e-2  # the ablation did something
+    assert no_hooks(vilt)
+
+
+def test_ablation_refuses_heads_out_of_range(vilt, records):
+    record = records[0]
+    for heads in ([(2, 0)], [(0, 4)], [(-1, 0)], [(0, "1")]):
+        with pytest.raises(ValueError, match=r"heads: .* \(2 layers x 4 heads"):
+            vilt.ablate(record["image"], record["text"], heads)
+
+
+def test_hooks_are_removed_when_the_run_fails(vilt, records, monkeypatch):
+    record = records[0]
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("out of memory (pretend)")
+
+    monkeypatch.setattr(vilt.net.classifier, "forward", broken)
+    with pytest.raises(RuntimeError, match="pretend"):
+        vilt.ablate(record["image"], record["text"], [(0, 0), (1, 2)])
+    assert no_hooks(vilt)
+    monkeypatch.undo()
+    corrupted = (records[1]["image"], records[1]["text"], patches_of(records[1]))
+    clean = (record["image"], record["text"], patches_of(record))
+    monkeypatch.setattr(vilt.vilt.pooler, "forward", broken)
+    with pytest.raises(RuntimeError, match="pretend"):
+        vilt.patch_activations(clean, corrupted, [[0]])
+    assert no_hooks(vilt)
+
+
+def test_masking_equals_the_tokens_left_out(vilt, records):
+    """A patch whose mask entry is 0 is gone: the same logits as a sequence without those tokens."""
+    record = records[0]
+    txt_len = record["txt_len"]
+    removed = [txt_len + 1, txt_len + 5, txt_len + 6, txt_len + 20]
+    fixed, embeds, mask = row_major_inputs(vilt, record)
+    kept = [i for i in range(embeds.shape[1]) if txt_len + i not in removed]
+    expected = logits_of(vilt.net, fixed, embeds[:, kept], mask[:, kept])
+    runs = vilt.mask_patches(record["image"], record["text"], [[], removed], patches=patches_of(record))
+    assert np.allclose(runs[1]["logits"], expected, atol=1e-4)
+    assert np.allclose(runs[0]["logits"], logits_of(vilt.net, fixed, embeds, mask), atol=1e-4)
+    assert np.abs(runs[1]["logits"] - runs[0]["logits"]).max() > 1e-3
+    with pytest.raises(ValueError, match="not an image token position"):
+        vilt.mask_patches(record["image"], record["text"], [[0]])
+
+
+def test_activation_patching_equals_a_run_layer_by_layer(vilt, records):
+    """Each entry = the corrupted run computed layer by layer here (no hooks), with the chosen
+    positions of one layer's output replaced by the clean run's; all positions restore the clean run."""
+    clean, bad = records[0], records[1]
+    assert len(clean["tokens"]) == len(bad["tokens"])
+    n = len(clean["tokens"])
+    columns = [[1], [3, 4], list(range(clean["txt_len"], n)), list(range(n))]
+    result = vilt.patch_activations((clean["image"], clean["text"], patches_of(clean)),
+                                    (bad["image"], bad["text"], patches_of(bad)), columns)
+    answer = result["clean"]["index"]
+    fixed, embeds, mask = row_major_inputs(vilt, clean)
+    with torch.no_grad():
+        clean_states = vilt.net(**fixed, image_embeds=embeds, pixel_mask=mask, output_hidden_states=True).hidden_states
+        fixed, embeds, mask = row_major_inputs(vilt, bad)
+        start = vilt.net(**fixed, image_embeds=embeds, pixel_mask=mask, output_hidden_states=True).hidden_states[0]
+        expected = np.zeros((2, len(columns)), dtype=np.float32)
+        for patched_layer in range(2):
+            for c, positions in enumerate(columns):
+                h = start.clone()
+                for layer, module in enumerate(vilt.vilt.encoder.layer):
+                    h = module(h)[0]  # an all-ones attention mask adds nothing
+                    if layer == patched_layer:
+                        h[:, positions] = clean_states[layer + 1][:, positions]
+                logits = vilt.net.classifier(vilt.vilt.pooler(vilt.vilt.layernorm(h)))[0]
+                expected[patched_layer, c] = float(logits[answer])
+    assert np.allclose(result["patched"], expected, atol=1e-4)
+    assert np.allclose(result["patched"][:, -1], result["clean"]["logits"][answer], atol=1e-4)
+    assert abs(result["clean"]["logits"][answer] - result["corrupted"]["logits"][answer]) > 1e-2
+    assert no_hooks(vilt)
+
+
+# ----------------------------------------------------------------------------- app.interventions
+
+
+class Counting:
+    """The model, counting its runs."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return method(*args, **kwargs)
+        return counted
+
+
+def test_deletion_curve_removes_the_most_attended_patches_first(vilt, db, records):
+    record = records[0]
+    runs = Interventions(db, vilt)
+    curve = runs.deletion_curve(0, "attention")
+    txt_len = record["txt_len"]
+    patches = np.arange(txt_len + 1, len(record["tokens"]))  # after the text and the image [CLS]
+    relevance = record["attention"][-1].mean(axis=0)[0, patches]  # the [CLS] row, last layer, mean of heads
+    order = patches[np.argsort(-relevance, kind="stable")]
+    sets = [sorted(order[: int(round(f * len(patches)))].tolist()) for f in FRACTIONS]
+    expected = vilt.mask_patches(record["image"], record["text"], sets, patches=patches_of(record))
+    answer = curve.original["index"]
+    # float16 storage can swap near-equal attention values: compare where the order is clear
+    assert curve.removed == tuple(len(s) for s in sets)
+    assert curve.scores[0] == pytest.approx(curve.original["score"], abs=1e-6)
+    assert np.allclose(curve.scores, [r["scores"][answer] for r in expected], atol=1e-3)
+    assert curve.answers == tuple(r["answer"] for r in expected)
+
+
+def test_rollout_and_relevancy_read_the_database(vilt, db):
+    runs = Interventions(db, vilt)
+    for method in ("rollout", "relevancy"):
+        curve = runs.deletion_curve(1, method)
+        assert len(curve.scores) == len(FRACTIONS)
+    with pytest.raises(InterventionError, match="method"):
+        runs.deletion_curve(1, "saliency")
+
+
+def test_results_are_cached(vilt, db, records):
+    model = Counting(vilt)
+    runs = Interventions(db, model)
+    first = runs.ablation(0, [(0, 1), (0, 1)])
+    again = runs.ablation(0, [(0, 1)])
+    assert again is first and model.calls == 1
+    masked = runs.masked(0, [records[0]["txt_len"] + 2, 0])  # the text token is not a patch
+    assert runs.masked(0, [records[0]["txt_len"] + 2]) is masked and model.calls == 2
+
+
+def test_patching_refuses_different_token_layouts(vilt, db):
+    runs = Interventions(db, vilt)
+    with pytest.raises(InterventionError, match=r"example 2 has \d+ text and \d+ image tokens, example 0"):
+        runs.patching(0, 2)
+    result = runs.patching(0, 1)
+    names, columns = patching_columns(db.example(0))
+    assert result.columns == tuple(names) and result.difference.shape == (2, len(columns))
+    assert np.allclose(result.recovered[:, -1], 1, atol=1e-3)  # every position patched: the clean run
+
+
+def test_a_record_of_another_tokenizer_is_refused(vilt, tmp_path, records):
+    record = copy.deepcopy(records[0])
+    record["tokens"] = ["[CLS]", "which"] + record["tokens"][2:]
+    with VliLmdb(tmp_path / "other", read_only=False) as db:
+        db.add_record(record)
+        with pytest.raises(InterventionError, match="example 0: .*field tokens"):
+            Interventions(db, vilt).original(0)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_deletion_curve_figure():
+    fig = figures.deletion_curve_figure(FRACTIONS, np.linspace(0.9, 0.1, 10), ["red"] * 9 + ["blue"], "red",
+                                        "rollout")
+    trace = fig.data[0]
+    assert list(trace.x) == pytest.approx([10 * i for i in range(10)])
+    assert list(trace.y) == pytest.approx(np.linspace(0.9, 0.1, 10))
+    assert "'blue'" in trace.text[-1] and fig.layout.yaxis.range == (0, 1.05)
+    with pytest.raises(ValueError, match="one value each"):
+        figures.deletion_curve_figure(FRACTIONS, [0.5], ["red"], "red", "rollout")
+
+
+def test_activation_patching_figure():
+    difference = np.array([[0.5, -2.0], [1.0, 0.0]], dtype=np.float32)
+    fig = figures.activation_patching_figure(difference, ["3 red", "all positions"], difference / 2.0, "red")
+    trace = fig.data[0]
+    assert (trace.zmin, trace.zmax) == (-2.0, 2.0)  # centred on 0
+    assert list(trace.y) == ["layer 1", "layer 2"]
+    assert trace.text[0][1] == "layer 1, all positions: -2.000 (-100 % recovered)"
+    with pytest.raises(ValueError, match="expected"):
+        figures.activation_patching_figure(difference, ["one"], None, "red")

@@ -1,0 +1,197 @@
+"""The "Interventions" panel's callbacks through Flask's test client, on an app with a tiny ViLT and a
+database of its records: what each button shows agrees with the model run directly, crafted values are
+refused (no update), and a change of example clears the results."""
+import base64
+import copy
+
+import numpy as np
+import pytest
+from dash import html
+
+from app import ids
+from app.database.database import VliLmdb
+from app.database.models import load_model
+from app.interventions import FRACTIONS, patching_columns
+from app.panels import interventions
+from app.server import create_app
+from helpers import fast_tsne  # noqa: F401 (autouse: t-SNE is tested elsewhere)
+from test_page_validation import NO_UPDATE, Page
+from tiny_vilt import build_tiny_vilt
+
+QUESTIONS = ["what color is the circle ?", "what color is the square ?", "how many are there ?"]
+
+
+@pytest.fixture(scope="module")
+def vilt(tmp_path_factory):
+    return load_model("vilt", [build_tiny_vilt(tmp_path_factory.mktemp("tiny-vqa"), seed=1)], progress=False)
+
+
+@pytest.fixture(scope="module")
+def records(vilt, tmp_path_factory):
+    from test_interventions import write_image
+
+    folder = tmp_path_factory.mktemp("images")
+    return [vilt.data_setup(i, write_image(folder / f"{i}.png", i), q) for i, q in enumerate(QUESTIONS)]
+
+
+@pytest.fixture
+def page(tmp_path, records, vilt, request):
+    db = VliLmdb(tmp_path / "db", read_only=False)
+    for record in records:
+        db.add_record(copy.deepcopy(record))
+    app = create_app(db, model=vilt)
+    request.addfinalizer(app.vli_context.jobs.shutdown)
+    request.addfinalizer(db.close)
+    assert any(ids.IV_ABLATION in output for output in app.callback_map)  # placed by app/server.py
+    page = Page(app)
+    page.db = db
+    return page
+
+
+def texts(node) -> str:
+    """All the text of a component tree in Dash's JSON."""
+    if isinstance(node, list):
+        return " ".join(texts(n) for n in node)
+    if isinstance(node, dict):
+        return texts(node.get("props", {}).get("children"))
+    return "" if node is None else str(node)
+
+
+def patches_of(record):
+    return [xy for xy in record["img_coords"] if xy is not None]
+
+
+def test_the_panel_needs_a_model_that_reruns_examples(tmp_path, vilt):
+    class Context:
+        model = None
+
+    assert not interventions.available(Context())
+    Context.model = vilt
+    assert interventions.available(Context())
+    mlm = load_model("vilt", [build_tiny_vilt(tmp_path / "mlm", head="ViltForMaskedLM")], progress=False)
+    Context.model = mlm
+    assert not interventions.available(Context())
+
+
+def test_ablation_shows_the_answers_before_and_after(page, vilt, records):
+    record = records[0]
+    status, response = page.post(f"{ids.IV_ABLATION}.children", f"{ids.IV_ABLATE}.n_clicks", {
+        f"{ids.IV_ABLATE}.n_clicks": 1, f"{ids.HEAD_STORE}.data": {"layer": 1, "head": None},
+        f"{ids.IV_HEADS}.value": ["0-2"]})
+    assert status == 200
+    shown = texts(response[ids.IV_ABLATION]["children"])
+    heads = [(0, 2)] + [(1, h) for h in range(4)]
+    after = vilt.ablate(record["image"], record["text"], heads, patches=patches_of(record))
+    before = vilt.predict(record["image"], record["text"], patches_of(record))
+    assert "Zeroed: layer 1 head 3, layer 2 (all heads)" in shown
+    for answer, score in before["top"] + after["top"]:
+        assert f"{answer} {score:.3f}" in shown
+
+
+@pytest.mark.parametrize("values", [
+    {f"{ids.IV_HEADS}.value": ["2-0"]}, {f"{ids.IV_HEADS}.value": ["0-4"]}, {f"{ids.IV_HEADS}.value": ["-1-0"]},
+    {f"{ids.IV_HEADS}.value": "0-1"}, {f"{ids.IV_HEADS}.value": [3]}, {f"{ids.IV_HEADS}.value": ["0-1"] * 11},
+    {f"{ids.HEAD_STORE}.data": {"layer": 5, "head": 0}}, {f"{ids.IV_USE_SELECTED}.value": "selected"},
+    {f"{ids.EXAMPLE_SELECT}.value": 7}, {f"{ids.EXAMPLE_SELECT}.value": "0"},
+])
+def test_ablation_refuses_crafted_values(page, values):
+    status, _ = page.post(f"{ids.IV_ABLATION}.children", f"{ids.IV_ABLATE}.n_clicks",
+                          {f"{ids.IV_ABLATE}.n_clicks": 1, **values})
+    assert status == NO_UPDATE
+
+
+def test_ablation_with_no_head_says_so(page):
+    status, response = page.post(f"{ids.IV_ABLATION}.children", f"{ids.IV_ABLATE}.n_clicks", {
+        f"{ids.IV_ABLATE}.n_clicks": 1, f"{ids.IV_USE_SELECTED}.value": [], f"{ids.IV_HEADS}.value": []})
+    assert status == 200 and "pick heads" in texts(response[ids.IV_ABLATION]["children"])
+
+
+def test_a_new_example_clears_the_results(page):
+    status, response = page.post(f"{ids.IV_ABLATION}.children", f"{ids.EXAMPLE_SELECT}.value",
+                                 {f"{ids.EXAMPLE_SELECT}.value": 1})
+    assert status == 200 and response[ids.IV_ABLATION]["children"] is None
+    status, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.EXAMPLE_SELECT}.value",
+                                 {f"{ids.EXAMPLE_SELECT}.value": 1})
+    assert status == 200 and response[ids.IV_PATCH_GRAPH]["style"] == {"display": "none"}
+
+
+def test_deletion_curve_of_the_attention_panels_method(page, vilt, records):
+    record = records[0]
+    status, response = page.post(f"{ids.IV_DELETION_GRAPH}.figure", f"{ids.IV_DELETION}.n_clicks", {
+        f"{ids.IV_DELETION}.n_clicks": 1, f"{ids.ATT_METHOD}.value": "rollout"})
+    assert status == 200
+    trace = response[ids.IV_DELETION_GRAPH]["figure"]["data"][0]
+    assert trace["x"] == pytest.approx([100 * f for f in FRACTIONS])
+    # the rollout of the [CLS] query through every layer, from the record, most relevant patch first
+    attention = record["attention"].astype(np.float64)
+    n = attention.shape[-1]
+    rollout = np.eye(n)
+    for layer in attention:
+        step = 0.5 * layer.mean(axis=0) + 0.5 * np.eye(n)
+        rollout = (step / step.sum(-1, keepdims=True)) @ rollout
+    patches = np.arange(record["txt_len"] + 1, n)
+    order = patches[np.argsort(-rollout[0, patches], kind="stable")]
+    sets = [order[: int(round(f * len(patches)))].tolist() for f in FRACTIONS]
+    original = vilt.predict(record["image"], record["text"], patches_of(record))
+    runs = vilt.mask_patches(record["image"], record["text"], sets, patches=patches_of(record))
+    assert trace["y"] == pytest.approx([r["scores"][original["index"]] for r in runs], abs=1e-3)
+    assert response[ids.IV_DELETION_GRAPH]["style"] == {}
+
+
+@pytest.mark.parametrize("method", ["saliency", None, 3])
+def test_deletion_refuses_an_unknown_method(page, method):
+    status, _ = page.post(f"{ids.IV_DELETION_GRAPH}.figure", f"{ids.IV_DELETION}.n_clicks",
+                          {f"{ids.IV_DELETION}.n_clicks": 1, f"{ids.ATT_METHOD}.value": method})
+    assert status == NO_UPDATE
+
+
+def test_removing_the_selected_patches(page, vilt, records):
+    record = records[0]
+    txt_len = record["txt_len"]
+    selection = {"ex": 0, "tokens": [1, txt_len + 2, txt_len + 3]}  # a text token: not removed
+    status, response = page.post(f"{ids.IV_DELETION_GRAPH}.figure", f"{ids.IV_MASK}.n_clicks", {
+        f"{ids.IV_MASK}.n_clicks": 1, f"{ids.SEL_STORE}.data": selection})
+    assert status == 200
+    shown = texts(response[ids.IV_MASKING]["children"])
+    masked = vilt.mask_patches(record["image"], record["text"], [[txt_len + 2, txt_len + 3]],
+                               patches=patches_of(record))[0]
+    assert "Removed 2 patches." in shown and f"{masked['answer']} {masked['score']:.3f}" in shown
+    status, response = page.post(f"{ids.IV_DELETION_GRAPH}.figure", f"{ids.IV_MASK}.n_clicks", {
+        f"{ids.IV_MASK}.n_clicks": 1, f"{ids.SEL_STORE}.data": {"ex": 0, "tokens": [1]}})
+    assert status == 200 and "Select image patches" in texts(response[ids.IV_MASKING]["children"])
+    status, _ = page.post(f"{ids.IV_DELETION_GRAPH}.figure", f"{ids.IV_MASK}.n_clicks", {
+        f"{ids.IV_MASK}.n_clicks": 1, f"{ids.SEL_STORE}.data": {"ex": 0, "tokens": [10 ** 6]}})
+    assert status == NO_UPDATE
+
+
+def test_activation_patching(page, vilt, records):
+    clean, bad = records[0], records[1]
+    status, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
+        f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": 1})
+    assert status == 200
+    trace = response[ids.IV_PATCH_GRAPH]["figure"]["data"][0]
+    names, columns = patching_columns(page.db.example(0))
+    assert trace["x"] == names
+    result = vilt.patch_activations((clean["image"], clean["text"], patches_of(clean)),
+                                    (bad["image"], bad["text"], patches_of(bad)), columns)
+    answer = result["clean"]["index"]
+    expected = result["patched"] - result["corrupted"]["logits"][answer]
+    z = np.frombuffer(base64.b64decode(trace["z"]["bdata"]), dtype=np.float32).reshape(expected.shape)
+    assert np.allclose(z, expected, atol=1e-5)
+    assert f"Clean (example 0): '{result['clean']['answer']}'" in texts(response[ids.IV_PATCHING]["children"])
+
+
+def test_activation_patching_refuses_other_token_counts(page):
+    status, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
+        f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": 2})
+    assert status == 200
+    assert "example 2 has 7 text and 25 image tokens, example 0 8 and 25" in \
+        texts(response[ids.IV_PATCHING]["children"])
+    for corrupted in (0, None):
+        status, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
+            f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": corrupted})
+        assert status == 200 and "Pick" in texts(response[ids.IV_PATCHING]["children"])
+    for corrupted in (9, "1", 1.5, True):
+        status, _ = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
+            f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": corrupted})
+        assert status == NO_UPDATE
