@@ -251,6 +251,16 @@ def _tsne_maps(hidden: np.ndarray) -> np.ndarray:
     return tsne_maps(hidden)
 
 
+def _query_rows(queries, n_tokens: int, method: str) -> np.ndarray:
+    """The query tokens of a read (stored positions) as int64, checked: at least one, all in range."""
+    rows = np.atleast_1d(np.asarray(queries, dtype=np.int64))
+    if rows.size == 0:
+        raise ValueError(f"{method}(): at least one query token is needed")
+    if rows.min() < 0 or rows.max() >= n_tokens:
+        raise IndexError(f"query tokens {rows.tolist()} out of range 0..{n_tokens - 1}")
+    return rows
+
+
 def _scaled_float16(weights: np.ndarray) -> tuple[np.ndarray, int]:
     """``(float16(weights * 2**exp), exp)``. Attention weights are mostly tiny: scaled by 2**exp
     (exp = 14 when the largest is 1) they stay out of float16's subnormal range (12x faster to convert,
@@ -697,12 +707,7 @@ class VliLmdb:
         """
         info = self.example(ex_id)
         layer, head = self._check_layer(layer, hidden=False), self._check_head(head)
-        rows = np.atleast_1d(np.asarray(queries, dtype=np.int64))
-        n = info.n_tokens
-        if rows.size == 0:
-            raise ValueError("attention(): at least one query token is needed")
-        if rows.min() < 0 or rows.max() >= n:
-            raise IndexError(f"query tokens {rows.tolist()} out of range 0..{n - 1}")
+        rows, n = _query_rows(queries, info.n_tokens, "attention"), info.n_tokens
         with self._read() as txn:
             view = np.frombuffer(self._get(txn, "attention", _lkey(info.ex_id, layer), ex_id,
                                            f"attention of layer {layer}"), dtype="<f2").reshape(self.n_heads, n, n)
@@ -715,12 +720,7 @@ class VliLmdb:
         residual stream and every head (app.database.analysis.attention_rollout). layer: 0..n_layers-1."""
         info = self.example(ex_id)
         layer = self._check_layer(layer, hidden=False)
-        rows = np.atleast_1d(np.asarray(queries, dtype=np.int64))
-        n = info.n_tokens
-        if rows.size == 0:
-            raise ValueError("rollout(): at least one query token is needed")
-        if rows.min() < 0 or rows.max() >= n:
-            raise IndexError(f"query tokens {rows.tolist()} out of range 0..{n - 1}")
+        rows, n = _query_rows(queries, info.n_tokens, "rollout"), info.n_tokens
         with self._read() as txn:
             view = np.frombuffer(self._get(txn, "rollout", _lkey(info.ex_id, layer), ex_id,
                                            f"rollout up to layer {layer}"), dtype="<f2").reshape(n, n)
@@ -732,12 +732,7 @@ class VliLmdb:
         (their rows averaged), for the model's prediction; None when the example has none (a record
         without ``relevancy``: models that compute it, such as the ViLT adapter, store it)."""
         info = self.example(ex_id)
-        rows = np.atleast_1d(np.asarray(queries, dtype=np.int64))
-        n = info.n_tokens
-        if rows.size == 0:
-            raise ValueError("relevancy(): at least one query token is needed")
-        if rows.min() < 0 or rows.max() >= n:
-            raise IndexError(f"query tokens {rows.tolist()} out of range 0..{n - 1}")
+        rows, n = _query_rows(queries, info.n_tokens, "relevancy"), info.n_tokens
         with self._read() as txn:
             try:
                 raw = self._get(txn, "relevancy", _ekey(info.ex_id), ex_id, "relevancy")
