@@ -86,6 +86,8 @@ class VL_Model(abc.ABC):  # noqa: N801 - the name users' existing classes subcla
     # row-major). Token positions are in the stored order (text, image special tokens, patches). A
     # prediction is {"answer", "score", "index" (into "logits"), "top": [[answer, score], ...],
     # "logits", "scores" (float32 arrays over the answers), "tokens" (the re-run's tokens)}.
+    # Optional: a model that implements the four methods below sets this True (Vilt does); the
+    # interventions panel is shown only for such models, so the defaults never run from the page.
     supports_interventions = False
 
     def predict(self, image, text: str, patches=None) -> dict:
