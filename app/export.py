@@ -23,7 +23,7 @@ __all__ = ["attention_csv", "statistics_csv", "matrix_npy", "report_html"]
 def _kind(info, token: int) -> str:
     if info.special[token]:
         return "special"
-    return "text" if token < info.txt_len else "image"
+    return info.modality(token)
 
 
 def attention_csv(info, weights: np.ndarray, method: str, what: str) -> str:
@@ -65,13 +65,14 @@ def report_html(info, image_png: bytes, head_figure, attention_figure, tinted: O
                 what: str) -> str:
     """One self-contained HTML file (plotly.js embedded, no network needed) with the example's image,
     text, prediction, notes, the head summary and the current attention view, for sharing with people
-    who do not run the tool. ``tinted``: the attention of the text tokens shown, or None."""
+    who do not run the tool. ``tinted``: the weights shown (one per token; the text tokens are tinted), or None."""
     esc = html.escape
     pred = info.prediction or {}
     verdict = {True: "correct", False: "incorrect", None: "accuracy unknown"}[info.accuracy]
     tokens = []
-    scale = max((w for w, s in zip(tinted or [], info.special) if not s), default=0.0) if tinted else 0.0
-    for i in range(info.txt_len):
+    text = [int(i) for i in np.flatnonzero(info.is_text)]
+    scale = max((tinted[i] for i in text if not info.special[i]), default=0.0) if tinted else 0.0
+    for i in text:
         style = ""
         if tinted is not None and scale > 0:
             r, g, b = _viridis(min(1.0, float(tinted[i]) / scale))

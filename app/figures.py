@@ -216,26 +216,34 @@ def patch_tokens_grid(coords: Sequence, grid: tuple[int, int]) -> np.ndarray:
     return idx
 
 
-def patch_shapes(selected: Sequence[int], coords: Sequence, grid: tuple[int, int],
-                 image_size: tuple[int, int]) -> list[dict]:
-    """Outline rectangles (image pixel coordinates) around the selected patches."""
+def _grid_box(image_size: tuple[int, int], box: Optional[Sequence[float]]) -> tuple[float, float, float, float]:
+    """``box`` (left, top, right, bottom) of a grid on the image, or the whole image when None."""
     h, w = image_size
+    return (0.0, 0.0, float(w), float(h)) if box is None else tuple(float(v) for v in box)
+
+
+def patch_shapes(selected: Sequence[int], coords: Sequence, grid: tuple[int, int],
+                 image_size: tuple[int, int], box: Optional[Sequence[float]] = None) -> list[dict]:
+    """Outline rectangles (image pixel coordinates) around the selected patches of the grid
+    covering ``box`` of the image (None: the whole image)."""
+    left, top, right, bottom = _grid_box(image_size, box)
     rows, cols = grid
-    cw, ch = w / cols, h / rows
+    cw, ch = (right - left) / cols, (bottom - top) / rows
     shapes = []
     for tok in selected:
         c = coords[tok] if 0 <= tok < len(coords) else None
         if c is None:
             continue
-        shapes.append(dict(type="rect", xref="x", yref="y", x0=c[0] * cw, x1=(c[0] + 1) * cw,
-                           y0=c[1] * ch, y1=(c[1] + 1) * ch,
+        shapes.append(dict(type="rect", xref="x", yref="y", x0=left + c[0] * cw, x1=left + (c[0] + 1) * cw,
+                           y0=top + c[1] * ch, y1=top + (c[1] + 1) * ch,
                            line=dict(color=SELECT_COLOR, width=2), fillcolor="rgba(0,0,0,0)"))
     return shapes
 
 
 def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
-                 grid: Optional[tuple[int, int]]) -> go.Figure:
-    """The image (a layout image: sent once per example) with its patch grid.
+                 grid: Optional[tuple[int, int]], box: Optional[Sequence[float]] = None) -> go.Figure:
+    """The image (a layout image: sent once per example) with a patch grid over ``box`` (left, top,
+    right, bottom pixels; None: the whole image), outlined when it covers part of the image only.
 
     Trace 0: the attention overlay heatmap on the grid (empty until a token is selected; update its
     ``z`` with a Patch); trace 1: invisible markers at the patch centres carrying the token index, so
@@ -245,9 +253,10 @@ def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
     data = []
     if grid:
         rows, cols = grid
-        cw, ch = w / cols, h / rows
+        left, top, right, bottom = _grid_box(image_size, box)
+        cw, ch = (right - left) / cols, (bottom - top) / rows
         overlay = dict(
-            type="heatmap", name="overlay", x0=cw / 2, dx=cw, y0=ch / 2, dy=ch,
+            type="heatmap", name="overlay", x0=left + cw / 2, dx=cw, y0=top + ch / 2, dy=ch,
             customdata=patch_tokens_grid(coords, grid).tolist(), opacity=0.6, zsmooth=False,
             hoverongaps=True, zauto=False,
             text=[[f"patch ({x}, {y})" for x in range(cols)] for y in range(rows)])
@@ -256,20 +265,20 @@ def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
         cells = [(tok, c) for tok, c in enumerate(coords) if c is not None]
         data.append(dict(
             type="scatter", name="patches", mode="markers", showlegend=False, hoverinfo="skip",
-            x=typed_array([(c[0] + 0.5) * cw for _, c in cells]),
-            y=typed_array([(c[1] + 0.5) * ch for _, c in cells]),
+            x=typed_array([left + (c[0] + 0.5) * cw for _, c in cells]),
+            y=typed_array([top + (c[1] + 0.5) * ch for _, c in cells]),
             customdata=[t for t, _ in cells],
             marker=dict(size=max(4.0, min(cw, ch) / 3), color="rgba(255,255,255,0.01)"),
             selected=dict(marker=dict(color="rgba(214,39,40,0.5)")), unselected=dict(marker=dict(opacity=1))))
         # The patch grid as one line trace (None-separated segments), so layout.shapes only holds
         # the selection outlines.
         gx, gy = [], []
-        for i in range(1, cols):
-            gx += [i * cw, i * cw, None]
-            gy += [0, h, None]
-        for j in range(1, rows):
-            gx += [0, w, None]
-            gy += [j * ch, j * ch, None]
+        for i in range(0 if left > 0 else 1, cols + (right < w)):
+            gx += [left + i * cw, left + i * cw, None]
+            gy += [top, bottom, None]
+        for j in range(0 if top > 0 else 1, rows + (bottom < h)):
+            gx += [left, right, None]
+            gy += [top + j * ch, top + j * ch, None]
         data.append(dict(type="scatter", name="grid", x=gx, y=gy, mode="lines", hoverinfo="skip",
                          showlegend=False, line=dict(color="rgba(255,255,255,0.35)", width=1)))
     layout = _layout(
@@ -286,7 +295,7 @@ def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
 
 # ----------------------------------------------------------------------------- t-SNE
 
-def tsne_figure(points: np.ndarray, tokens: Sequence[str], txt_len: int, special: Sequence[bool],
+def tsne_figure(points: np.ndarray, tokens: Sequence[str], is_text: Sequence[bool], special: Sequence[bool],
                 coords: Sequence, title: str) -> go.Figure:
     """Scatter of a layer's t-SNE map: trace 0 text tokens, 1 image patches, 2 special tokens,
     3 the selected token (empty), 4 the nearest token of the other modality (empty).
@@ -299,8 +308,9 @@ def tsne_figure(points: np.ndarray, tokens: Sequence[str], txt_len: int, special
     special = np.asarray(special, dtype=bool)
     n = len(tokens)
     idx = np.arange(n)
-    is_text = (idx < txt_len) & ~special
-    is_img = (idx >= txt_len) & ~special
+    is_text = np.asarray(is_text, dtype=bool)
+    is_img = ~is_text & ~special
+    is_text = is_text & ~special
     data = []
     for name, mask, color, size, hover in (("text", is_text, TEXT_COLOR, 7, True),
                                            ("image", is_img, IMAGE_COLOR, 6, False),
@@ -335,12 +345,14 @@ def tsne_title(layer: int, n_layers: int) -> str:
 # ----------------------------------------------------------------------------- attention matrix
 
 def attention_matrix_figure(matrix: np.ndarray, q_labels: Sequence[str], k_labels: Sequence[str],
-                            title: str, q_offset: int = 0, k_offset: int = 0) -> go.Figure:
+                            title: str, q_positions: Optional[Sequence[int]] = None,
+                            k_positions: Optional[Sequence[int]] = None) -> go.Figure:
     """Heatmap of an attention (sub)matrix: rows = queries, columns = keys, labelled
-    ``"<token index> <label>"`` (categorical, so repeated words stay distinct)."""
+    ``"<token index> <label>"`` (categorical, so repeated words stay distinct); the positions are the
+    rows' and columns' token indices (default 0, 1, ...)."""
     m = np.asarray(matrix, dtype=np.float32)
-    ys = [f"{q_offset + i} {lab}" for i, lab in enumerate(q_labels)]
-    xs = [f"{k_offset + i} {lab}" for i, lab in enumerate(k_labels)]
+    ys = [f"{i} {lab}" for i, lab in zip(range(len(q_labels)) if q_positions is None else q_positions, q_labels)]
+    xs = [f"{i} {lab}" for i, lab in zip(range(len(k_labels)) if k_positions is None else k_positions, k_labels)]
     data = [dict(type="heatmap", z=typed_array(m), x=xs, y=ys, colorscale=ATTENTION_SCALE,
                  zauto=False, zmin=0.0, zmax=scale_max(m), colorbar=dict(thickness=10, title=dict(text="attn")),
                  hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.4f}<extra></extra>")]
@@ -426,22 +438,22 @@ def logit_lens_figure(lens: Sequence[Sequence], n_layers: int) -> go.Figure:
 
 # ----------------------------------------------------------------------------- thumbnails
 
-def thumbnail_jpeg(image: np.ndarray, coord: Optional[tuple[int, int]], grid: Optional[tuple[int, int]],
-                   max_side: int = 128) -> bytes:
-    """A small JPEG of the image with one patch outlined (for the t-SNE hover tooltip; JPEG because
-    it encodes several times faster than PNG and a hover must answer at once)."""
+def thumbnail_jpeg(image: np.ndarray, cell: Optional[Sequence[float]], max_side: int = 128) -> bytes:
+    """A small JPEG of the image with one patch outlined, ``cell`` = its (x0, y0, x1, y1) in image
+    pixels (for the t-SNE hover tooltip; JPEG because it encodes several times faster than PNG and a
+    hover must answer at once)."""
     from PIL import Image, ImageDraw
 
     img = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    width = img.width
     scale = max_side / max(img.size)
     if scale < 1:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-    if coord is not None and grid:
-        rows, cols = grid
-        cw, ch = img.width / cols, img.height / rows
-        x0, y0 = coord[0] * cw, coord[1] * ch
+    if cell is not None:
+        f = img.width / width
+        x0, y0, x1, y1 = (v * f for v in cell)
         draw = ImageDraw.Draw(img)
-        draw.rectangle([x0, y0, x0 + cw - 1, y0 + ch - 1], outline=(214, 39, 40), width=2)
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(214, 39, 40), width=2)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return buf.getvalue()

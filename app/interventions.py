@@ -64,13 +64,13 @@ def stored_input(db, ex_id: int) -> tuple:
     if not info.grid:
         raise InterventionError(f"example {ex_id}: no image patches (field img_coords), so the model cannot be "
                                 "re-run on it")
-    patches = [xy for xy in info.coords[info.txt_len:] if xy is not None]
+    patches = [info.coords[i] for i in patch_positions(info)]
     return db.image(ex_id), info.text, patches
 
 
 def patch_positions(info) -> list[int]:
     """Token positions of the image patches (image tokens with a coordinate)."""
-    return [i for i in range(info.txt_len, info.n_tokens) if info.coords[i] is not None]
+    return [i for i in range(info.n_tokens) if info.coords[i] is not None]
 
 
 def patch_relevance(db, ex_id: int, method: str) -> np.ndarray:

@@ -96,7 +96,7 @@ def is_model_output(obj) -> bool:
     return hasattr(obj, "attentions") and hasattr(obj, "hidden_states")
 
 
-def record_from_outputs(outputs, ex_id: int, *, tokens: Sequence[str], txt_len: int,
+def record_from_outputs(outputs, ex_id: int, *, tokens: Sequence[str], txt_len: Optional[int] = None,
                         img_coords: Optional[Sequence] = None, grid: Optional[tuple[int, int]] = None,
                         image: Any = None, **fields) -> dict:
     """The record of one example from a Hugging Face model output: ``outputs.attentions``, one
@@ -105,8 +105,9 @@ def record_from_outputs(outputs, ex_id: int, *, tokens: Sequence[str], txt_len: 
     ``hidden_states`` (layers + 1, n, hidden), as float32 numpy arrays (torch tensors on any device
     and of any float dtype, or numpy arrays).
 
-    The model's sequence must list the text tokens first, then the image tokens, as ``tokens``
-    (n strings) does; ``txt_len`` counts the text tokens; ``img_coords`` gives each image token's
+    ``tokens`` (n strings) lists the model's sequence: either text first and ``txt_len`` counting
+    the text tokens, or in any order with ``modality=[...]`` ("text" / "image" per token, in
+    ``fields``, as a decoder VLM's prompt needs); ``img_coords`` gives each image token's
     (x, y) patch in the grid (None for an image-side special token), ``grid`` the (rows, cols) of the
     patch grid and ``image`` the image the model saw (an (H, W, 3) array, a PIL image or a file path).
     ``fields`` are further record fields (``prediction``, ``text``, ``accuracy``, ``notes``,
@@ -115,13 +116,14 @@ def record_from_outputs(outputs, ex_id: int, *, tokens: Sequence[str], txt_len: 
     record = {
         "ex_id": ex_id,
         "tokens": [str(token) for token in tokens],
-        "txt_len": txt_len,
         "img_coords": img_coords,
         "attention": _stack_layers(outputs, "attentions", "output_attentions", ex_id, per_layer_ndim=3),
         "hidden_states": _stack_layers(outputs, "hidden_states", "output_hidden_states", ex_id,
                                        per_layer_ndim=2),
         **fields,
     }
+    if txt_len is not None:
+        record["txt_len"] = txt_len
     if grid is not None:
         record["grid"] = tuple(grid)
     if image is not None:

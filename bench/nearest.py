@@ -92,7 +92,7 @@ class BenchIndex:
     def add(self, txn, ex_id: int, states: np.ndarray, txt_len: int, special: np.ndarray) -> None:
         if self.projection is None:
             self.projection = neighbors.make_projection(states, special, dim=self.dim)
-        for key, value in neighbors.example_entries(ex_id, states, txt_len, special, self.projection).items():
+        for key, value in neighbors.example_entries(ex_id, states, np.arange(len(special)) < txt_len, special, self.projection).items():
             txn.put(key, value, db=self.nn)
         stored = np.clip(states[0], -65504, 65504).astype("<f2")
         txn.put(b"%010d" % ex_id, seal_value(stored.tobytes()), db=self.hidden_db)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["make_record", "make_db", "fake_tsne_maps", "softmax", "fast_tsne"]
+__all__ = ["make_record", "make_decoder_record", "make_db", "fake_tsne_maps", "softmax", "fast_tsne"]
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -62,6 +62,58 @@ def make_record(ex_id: int, n_text: int = 4, grid: Optional[tuple[int, int]] = (
         "text": " ".join(t for t in text_tokens if not t.startswith("[")),
     }
     record.update(extra)
+    return record
+
+
+def causal_softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the keys up to each query (a causal language model's attention)."""
+    n = logits.shape[-1]
+    masked = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
+    return softmax(masked)
+
+
+def make_decoder_record(ex_id: int, grids=((2, 3),), newline: bool = False, answer=("red", "</s>"),
+                        n_layers: int = 2, n_heads: int = 2, hidden: int = 8, seed: int = 0,
+                        image_hw: tuple[int, int] = (32, 48)) -> dict:
+    """A decoder VLM's record: ``<s> USER :`` then the image tokens, then ``what color ? ASSISTANT :``
+    and the generated ``answer``, with causal attention and the fields modality, generated, special.
+
+    grids: (rows, cols) of each patch grid; several grids are laid side by side on the image
+    (grids[g] covers the g-th vertical strip) and their tokens follow one another, grid by grid.
+    newline: end each row of patches with an ``<image_newline>`` token (no patch), as LLaVA-NeXT does.
+    """
+    rng = np.random.default_rng(seed + 1000 * ex_id)
+    height, width = image_hw
+    strip = width // len(grids)
+    prefix, question = ["<s>", "USER", ":"], ["what", "color", "?", "ASSISTANT", ":"]
+    image_tokens, coords, boxes = [], [], []
+    for g, (rows, cols) in enumerate(grids):
+        boxes.append({"name": f"grid {g}", "rows": rows, "cols": cols, "box": [g * strip, 0, (g + 1) * strip, height]})
+        for y in range(rows):
+            for x in range(cols):
+                image_tokens.append("<image>")
+                coords.append((x, y, g) if len(grids) > 1 else (x, y))
+            if newline:
+                image_tokens.append("<image_newline>")
+                coords.append(None)
+    tokens = prefix + image_tokens + question + list(answer)
+    n = len(tokens)
+    modality = ["text"] * len(prefix) + ["image"] * len(image_tokens) + ["text"] * (len(question) + len(answer))
+    record = {
+        "ex_id": ex_id,
+        "image": rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8),
+        "tokens": tokens, "modality": modality, "img_coords": coords,
+        "attention": causal_softmax(rng.normal(size=(n_layers, n_heads, n, n)) * 2).astype(np.float32),
+        "hidden_states": rng.normal(size=(n_layers + 1, n, hidden)).astype(np.float32),
+        "generated": len(answer),
+        "special": [t in ("<s>", "</s>", "<image>", "<image_newline>") for t in tokens],
+        "prediction": {"answer": " ".join(t for t in answer if t != "</s>"), "score": 0.9, "label": "red"},
+        "text": "what color?",
+    }
+    if len(grids) > 1:
+        record["grids"] = boxes
+    else:
+        record["grid"] = tuple(grids[0])
     return record
 
 

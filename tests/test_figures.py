@@ -120,7 +120,7 @@ def test_tsne_figure_groups_tokens_by_modality():
     special = [True, False, True, True, False, False]
     coords = [None, None, None, None, (0, 0), (1, 0)]
     pts = np.arange(12, dtype=np.float32).reshape(6, 2)
-    fig = figures.tsne_figure(pts, tokens, 3, special, coords, figures.tsne_title(2, 4))
+    fig = figures.tsne_figure(pts, tokens, np.arange(len(tokens)) < 3, special, coords, figures.tsne_title(2, 4))
     text, image, spec = (trace_json(fig, i) for i in range(3))
     np.testing.assert_array_equal(decode(text["customdata"]), [1])
     np.testing.assert_array_equal(decode(image["customdata"]), [4, 5])
@@ -132,14 +132,14 @@ def test_tsne_figure_groups_tokens_by_modality():
 
 def test_attention_matrix_figure_labels_and_values():
     m = np.array([[0.2, 0.8], [0.6, 0.4]], dtype=np.float32)
-    fig = figures.attention_matrix_figure(m, ["a", "a"], ["x", "y"], "t", q_offset=3, k_offset=5)
+    fig = figures.attention_matrix_figure(m, ["a", "a"], ["x", "y"], "t", q_positions=[3, 4], k_positions=[5, 6])
     np.testing.assert_array_equal(decode(trace_json(fig, 0)["z"]), m)
     assert list(fig.data[0].y) == ["3 a", "4 a"] and list(fig.data[0].x) == ["5 x", "6 y"]
 
 
 def test_thumbnail_is_small_jpeg_with_the_patch_outlined():
     img = np.zeros((300, 200, 3), np.uint8)
-    jpeg = figures.thumbnail_jpeg(img, (1, 1), (3, 2))
+    jpeg = figures.thumbnail_jpeg(img, (100, 100, 200, 200))  # patch (1, 1) of a 3 x 2 grid
     assert jpeg[:3] == b"\xff\xd8\xff"
     from PIL import Image
     import io

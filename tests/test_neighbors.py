@@ -27,7 +27,7 @@ class _Index:
         stored = np.clip(hidden, -65504, 65504).astype("<f2")
         self.examples[ex_id] = (stored, txt_len, special)
         with self.env.begin(write=True) as txn:
-            for key, value in neighbors.example_entries(ex_id, hidden, txt_len, special, self.projection).items():
+            for key, value in neighbors.example_entries(ex_id, hidden, np.arange(len(special)) < txt_len, special, self.projection).items():
                 txn.put(key, value, db=self.nn)
             for layer, states in enumerate(stored):
                 txn.put(b"%d/%d" % (ex_id, layer), seal_value(states.tobytes()), db=self.hidden_db)
@@ -139,7 +139,7 @@ def test_bound_holds_for_every_pair():
     isotropic[:, :10, 3] = 1e5  # beyond float16: stored clipped to 65504
     for hidden in (_anisotropic(rng, 60), isotropic):
         projection = neighbors.make_projection(hidden[:, :20], special[:20])  # fitted on other tokens
-        entries = neighbors.example_entries(0, hidden, 0, special, projection)  # all image tokens
+        entries = neighbors.example_entries(0, hidden, np.zeros(len(special), bool), special, projection)  # all image tokens
         stored = np.clip(hidden, -65504, 65504).astype(np.float16).astype(np.float64)
         units = stored / np.linalg.norm(stored, axis=-1, keepdims=True)
         for layer in range(2):
@@ -241,9 +241,9 @@ def test_bad_input_names_the_example(tmp_path):
     hidden = rng.standard_normal((2, len(special), 32)).astype(np.float32)
     projection = neighbors.make_projection(hidden, special)
     with pytest.raises(ValueError, match="example 2147483648: ex_id"):
-        neighbors.example_entries(2 ** 31, hidden, txt_len, special, projection)
+        neighbors.example_entries(2 ** 31, hidden, np.arange(len(special)) < txt_len, special, projection)
     with pytest.raises(ValueError, match="example 4: hidden_states"):
-        neighbors.example_entries(4, hidden[:1], txt_len, special, projection)
+        neighbors.example_entries(4, hidden[:1], np.arange(len(special)) < txt_len, special, projection)
     index = _Index(tmp_path / "db")
     index.add(0, hidden, txt_len, special)
     with index.env.begin(buffers=True) as txn:

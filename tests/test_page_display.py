@@ -6,13 +6,13 @@ import os
 import re
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import numpy as np
 import plotly
 import pytest
 
 from app import figures, ids
+from app.database.store import ExampleInfo
 from app.panels import example, heads, tokens
 from app.server import create_app
 from test_layout import components
@@ -175,15 +175,16 @@ def test_play_shows_css_icons_not_the_missing_pause_glyph(small_db):
                                      default=lambda c: c.to_plotly_json())
 
 
-def fake_info(text_tokens, n_image=0, notes=None):
+def fake_info(text_tokens, n_image=0, notes=(), generated=0):
     special = [t.startswith("[") for t in text_tokens] + [False] * n_image
-    info = SimpleNamespace(tokens=tuple(text_tokens) + tuple(f"p{i}" for i in range(n_image)),
-                           txt_len=len(text_tokens), special=np.array(special),
-                           coords=(None,) * len(text_tokens) + tuple((i, 0) for i in range(n_image)),
-                           accuracy=True, prediction=None, text="q")
-    if notes is not None:
-        info.notes = notes
-    return info
+    n = len(text_tokens) + n_image
+    return ExampleInfo(ex_id=0, tokens=tuple(text_tokens) + tuple(f"p{i}" for i in range(n_image)),
+                       txt_len=len(text_tokens), special=np.array(special),
+                       coords=(None,) * len(text_tokens) + tuple((i, 0) for i in range(n_image)),
+                       grid=(1, n_image) if n_image else None, image_size=(16, 16 * max(n_image, 1)),
+                       accuracy=True, prediction=None, text="q", notes=tuple(notes),
+                       is_text=np.arange(n) < len(text_tokens), generated=generated,
+                       patch_grid=np.array([-1] * len(text_tokens) + [0] * n_image))
 
 
 def shown(segments):
@@ -202,7 +203,7 @@ def test_trailing_pads_collapse_into_one_note():
     assert shown(segments) == [([0, 1, 2], ["+3 [PAD]"])]
     no_sep = fake_info(["[CLS]", "a", "[PAD]", "b", "[PAD]", "[PAD]"])
     assert shown(tokens.token_elements(no_sep)[0]) == [([0, 1, 2, 3], ["+2 [PAD]"])]  # an inner [PAD] stays
-    assert tokens.trailing_pads(fake_info(["[CLS]", "a", "[SEP]"])) == 0
+    assert tokens.shown_text_tokens(fake_info(["[CLS]", "a", "[SEP]"])) == [0, 1, 2]
 
 
 def test_play_stops_at_the_last_token_shown(tmp_path, monkeypatch):

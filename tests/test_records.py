@@ -47,7 +47,7 @@ INVALID = {
     "coords missing": (_set(img_coords=None), "img_coords", "expected 6 coordinates"),
     "duplicate coords": (_coords(lambda c: c[:-1] + [c[0]]), "img_coords", "duplicate coordinate (0, 0)"),
     "negative coords": (_coords(lambda c: [(-1, 0)] + c[1:]), "img_coords", "negative coordinate"),
-    "bad coord": (_coords(lambda c: [(0.5, 0)] + c[1:]), "img_coords", "expected (x, y) ints"),
+    "bad coord": (_coords(lambda c: [(0.5, 0)] + c[1:]), "img_coords", "expected (x, y) or (x, y, grid) ints"),
     "None coord on a patch": (_coords(lambda c: [None] + c[1:]), "img_coords", "not a special token"),
     "image shape": (_set(image=np.zeros((4, 4))), "image", "(H, W, 3)"),
     "image range": (_set(image=np.full((4, 4, 3), 300.0)), "image", "0-255"),

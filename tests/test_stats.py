@@ -75,8 +75,8 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_vectorised_statistics_match_loops(case):
     record = validate_record(make_record(3, n_layers=3, n_heads=2, seed=5, **CASES[case]))
-    got = head_statistics(record.attention, record.txt_len, record.special, record.coords,
-                          record.image.shape[:2], record.grid)
+    got = head_statistics(record.attention, record.is_text, record.special, record.coords,
+                          record.image.shape[:2], record.grids, record.patch_grid)
     want = loop_statistics(record.attention.astype(np.float64), record.txt_len, record.special, record.coords,
                            record.image.shape[:2], record.grid)
     assert list(got) == list(STATISTICS)
@@ -94,15 +94,15 @@ def test_statistics_do_not_depend_on_the_input_order_of_patches():
                     img_coords=[raw["img_coords"][i - 3] for i in perm[3:]],
                     attention=raw["attention"][:, :, perm][:, :, :, perm],
                     hidden_states=raw["hidden_states"][:, perm])
-    a = head_statistics(ordered.attention, ordered.txt_len, ordered.special)
-    b = head_statistics(*(lambda r: (r.attention, r.txt_len, r.special))(validate_record(shuffled)))
+    a = head_statistics(ordered.attention, ordered.is_text, ordered.special)
+    b = head_statistics(*(lambda r: (r.attention, r.is_text, r.special))(validate_record(shuffled)))
     for key in STATISTICS:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-6)
 
 
 def test_missing_groups_give_nan_and_definitions_hold():
     text_only = validate_record(make_record(0, n_text=4, grid=None))
-    stats = head_statistics(text_only.attention, text_only.txt_len, text_only.special)
+    stats = head_statistics(text_only.attention, text_only.is_text, text_only.special)
     for key in ("txt2img", "img2txt", "img2img", "img2img_nodiag", "cross_modal"):
         assert np.isnan(stats[key]).all(), key
     np.testing.assert_allclose(stats["intra_modal"], stats["txt2txt"], rtol=1e-6)
@@ -111,7 +111,7 @@ def test_missing_groups_give_nan_and_definitions_hold():
     attention = np.zeros((1, 1, n, n), np.float32)
     attention[..., 0] = 1.0
     special = np.array([True, False, False, False, False, False])
-    stats = head_statistics(attention, 3, special)
+    stats = head_statistics(attention, np.arange(n) < 3, special)
     assert all(stats[key][0, 0] == 0 for key in STATISTICS if key not in ("to_special", "distance"))
     assert stats["to_special"][0, 0] == 1  # ... and the special-token statistic says where it went
 
@@ -122,7 +122,7 @@ def test_cross_modal_weighs_both_directions_equally():
     attention = np.zeros((1, 1, n, n), np.float32)
     attention[0, 0, :txt_len, txt_len:] = 1 / (n - txt_len)     # text queries: all mass to the image
     attention[0, 0, txt_len:, txt_len:] = 1 / (n - txt_len)     # image queries: all mass to the image
-    stats = head_statistics(attention, txt_len, np.zeros(n, bool))
+    stats = head_statistics(attention, np.arange(n) < txt_len, np.zeros(n, bool))
     assert stats["txt2img"][0, 0] == pytest.approx(1) and stats["img2txt"][0, 0] == pytest.approx(0)
     assert stats["cross_modal"][0, 0] == pytest.approx(0.5)   # pooled: 2 / 12 = 0.167
     assert stats["intra_modal"][0, 0] == pytest.approx(0.5)   # (text → text 0 + image → image 1) / 2

@@ -67,7 +67,8 @@ def test_round_trip(tmp_path):
         for layer in range(2):
             np.testing.assert_allclose(db.rollout(raw["ex_id"], layer, [1, 2]), rollout[layer, [1, 2]].mean(0), **F16)
         stats = db.head_statistics(raw["ex_id"])
-        want = head_statistics(rec.attention, rec.txt_len, rec.special, rec.coords, rec.image.shape[:2], rec.grid)
+        want = head_statistics(rec.attention, rec.is_text, rec.special, rec.coords, rec.image.shape[:2], rec.grids,
+                               rec.patch_grid)
         assert list(stats) == db.statistic_names()
         for key in STATISTICS:
             np.testing.assert_allclose(stats[key], want[key], rtol=1e-6, equal_nan=True)

@@ -61,9 +61,10 @@ def test_upgrade_keeps_every_value_and_recomputes_the_statistics(old_db):
             np.testing.assert_array_equal(db.tsne(ex_id, 2),
                                           np.frombuffer(before["tsne"][key], "<f4").reshape(3, n, 2)[2])
             stats = db.head_statistics(ex_id)
-            want = head_statistics(attention, info["txt_len"], np.array(info["special"]),
+            info_now = db.example(ex_id)
+            want = head_statistics(attention, np.arange(n) < info["txt_len"], np.array(info["special"]),
                                    [None if c is None else tuple(c) for c in info["coords"]],
-                                   tuple(info["image_size"]), tuple(info["grid"]))
+                                   tuple(info["image_size"]), info_now.grids, info_now.patch_grid)
             for name in STATISTICS:  # the new definitions (cross-modal as the mean of both directions)
                 np.testing.assert_allclose(stats[name], want[name], rtol=1e-6, equal_nan=True)
             old_custom = np.frombuffer(before["stats"][key], "<f4").reshape(-1, 2, 2)[7]

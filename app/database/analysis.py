@@ -52,6 +52,14 @@ def _weights(attention) -> np.ndarray:
     return array
 
 
+def rollout_mixing(head_mean: np.ndarray) -> np.ndarray:
+    """``Â`` of the rollout from a layer's mean attention over heads ``(..., n, n)``: half of it plus half
+    the identity (the residual stream), rows renormalised; float64. The diagonal keeps every row > 0."""
+    n = head_mean.shape[-1]
+    mixed = 0.5 * np.asarray(head_mean, dtype=np.float64) + 0.5 * np.eye(n)
+    return mixed / mixed.sum(axis=-1, keepdims=True)
+
+
 def attention_rollout(attention) -> np.ndarray:
     """The attention rollout up to every layer (Abnar & Zuidema 2020).
 
@@ -65,10 +73,7 @@ def attention_rollout(attention) -> np.ndarray:
     ``compute_rollout_attention``); ``R_{l-1} · Â_l`` would chain the layers backwards.
     Every ``Â_l`` is row-stochastic, so every row of every ``R_l`` sums to 1.
     """
-    weights = _weights(attention)
-    n = weights.shape[-1]
-    mixed = 0.5 * weights.mean(axis=1) + 0.5 * np.eye(n)  # (layers, n, n); the diagonal keeps rows > 0
-    mixed /= mixed.sum(axis=-1, keepdims=True)
+    mixed = rollout_mixing(_weights(attention).mean(axis=1))  # (layers, n, n)
     rollout = np.empty_like(mixed)
     rollout[0] = mixed[0]
     for layer in range(1, len(mixed)):
@@ -76,33 +81,43 @@ def attention_rollout(attention) -> np.ndarray:
     return rollout.astype(np.float32)
 
 
-def _patch_centres(coords: Sequence, image: np.ndarray, image_size, grid) -> np.ndarray:
-    """The centres, (m, 2) pixels (x, y), of the patches of the tokens ``image`` (m indices into coords)."""
+def _patch_centres(coords: Sequence, image: np.ndarray, image_size, grid, patch_grid=None,
+                   grids=None) -> np.ndarray:
+    """The centres, (m, 2) pixels (x, y), of the patches of the tokens ``image`` (m indices into coords):
+    on the one ``grid`` over the whole image, or on each token's grid ``grids[patch_grid[i]]``."""
     height, width = (float(v) for v in image_size)
-    rows, cols = (int(v) for v in grid)
     if not (height > 0 and width > 0):
         raise ValueError(f"image_size: expected a positive (height, width), got {tuple(image_size)}")
-    if rows <= 0 or cols <= 0:
-        raise ValueError(f"grid: expected a positive (rows, cols), got {tuple(grid)}")
     cells = np.asarray([coords[i] for i in image], dtype=np.float64)
     if cells.ndim != 2 or cells.shape[1] != 2:
         raise ValueError(f"coords: expected (x, y) pairs or None, got entries of shape {cells.shape[1:]}")
+    if grids is None:
+        boxes = np.array([[0.0, 0.0, width, height, *grid]] * len(image))
+    else:
+        boxes = np.array([[*grids[patch_grid[i]].box, *grids[patch_grid[i]].shape] for i in image], dtype=np.float64)
+    rows, cols = boxes[:, 4], boxes[:, 5]
+    if (rows <= 0).any() or (cols <= 0).any():
+        raise ValueError(f"grid: expected a positive (rows, cols), got {tuple(grid)}")
     outside = (cells < 0).any(axis=1) | (cells[:, 0] >= cols) | (cells[:, 1] >= rows)
     if outside.any():
         token = int(image[outside][0])
         raise ValueError(f"coords: token {token} has coordinate {tuple(coords[token])}, outside the "
-                         f"{rows} x {cols} grid")
-    return (cells + 0.5) * np.array([width / cols, height / rows])
+                         f"{int(rows[outside][0])} x {int(cols[outside][0])} grid")
+    pitch = np.stack([(boxes[:, 2] - boxes[:, 0]) / cols, (boxes[:, 3] - boxes[:, 1]) / rows], axis=1)
+    return boxes[:, :2] + (cells + 0.5) * pitch
 
 
-def mean_attention_distance(attention, coords: Sequence, image_size, grid) -> np.ndarray:
+def mean_attention_distance(attention, coords: Sequence, image_size, grid, patch_grid=None,
+                            grids=None) -> np.ndarray:
     """Mean attention distance of every head, in pixels of the stored image (Dosovitskiy et al.;
     Raghu et al.).
 
     attention: ``(layers, heads, query, key)``.
     coords: one entry per token, ``(x, y)`` for an image patch (top-left ``(0, 0)``) or None.
     image_size: ``(H, W)`` of the stored image; grid: ``(rows, cols)``. Patch ``(x, y)`` is centred at
-    ``((x + 0.5) · W / cols, (y + 0.5) · H / rows)``.
+    ``((x + 0.5) · W / cols, (y + 0.5) · H / rows)``. With several grids (``grids``: the example's
+    :class:`~app.database.records.Grid` s, ``patch_grid``: each token's), a patch is centred in its cell of
+    its grid's box, so distances between grids (a tile and the thumbnail) are distances on the image.
     Returns float32 ``(layers, heads)``::
 
         distance[l, h] = mean_q  sum_k A[l, h, q, k] · ‖pos(q) − pos(k)‖ / sum_k A[l, h, q, k]
@@ -119,7 +134,7 @@ def mean_attention_distance(attention, coords: Sequence, image_size, grid) -> np
     image = np.array([i for i, c in enumerate(coords) if c is not None], dtype=np.intp)
     if len(image) == 0:
         return np.full(weights.shape[:2], np.nan, dtype=np.float32)
-    centres = _patch_centres(coords, image, image_size, grid)
+    centres = _patch_centres(coords, image, image_size, grid, patch_grid, grids)
     distance = np.linalg.norm(centres[:, None, :] - centres[None, :, :], axis=-1)  # (m, m) pixels
     # one gather of the image block, in float32 (the weights are checked above), sums in float64
     image_weights = np.asarray(attention, dtype=np.float32)[:, :, image[:, None], image]  # (layers, heads, m, m)

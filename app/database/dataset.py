@@ -112,7 +112,7 @@ def load_index(db) -> DatasetIndex:
     for i, (info, statistics) in enumerate(read):
         for s, name in enumerate(names):
             values[i, s] = statistics[name]
-        words = [t for t, sp in zip(info.tokens[:info.txt_len], info.special[:info.txt_len]) if not sp]
+        words = [t for t, text, sp in zip(info.tokens, info.is_text, info.special) if text and not sp]
         texts.append(info.text if info.text else " ".join(words))
         prediction = info.prediction or {}
         answers.append("" if prediction.get("answer") is None else str(prediction["answer"]))

@@ -144,10 +144,11 @@ def shard_keys(layer: int, modality: str, shard: int) -> tuple[bytes, bytes]:
     return base + b"/v", base + b"/i"
 
 
-def example_entries(ex_id: int, hidden: np.ndarray, txt_len: int, special: np.ndarray,
+def example_entries(ex_id: int, hidden: np.ndarray, is_text: np.ndarray, special: np.ndarray,
                     projection: np.ndarray) -> dict[bytes, bytes]:
     """The sealed tail values of one example.
 
+    is_text, special: (n,) bool, each token's modality and whether it is special (not indexed).
     hidden: (L + 1, n, d) in stored token order, float32 or the stored float16 (it is rounded to
     float16 as stored either way, so that the bounds hold for the cosines the search computes);
     projection: (L + 1, d, dim) from :func:`make_projection`.
@@ -159,7 +160,7 @@ def example_entries(ex_id: int, hidden: np.ndarray, txt_len: int, special: np.nd
         raise ValueError(f"example {ex_id}: hidden_states {stored.shape} do not match the nearest-token "
                          f"projection {projection.shape} (layers + 1, hidden size, dim)")
     rows = _index_rows(_unit(stored), projection)  # (L + 1, n, dim + 1), all layers at once
-    is_text = np.arange(stored.shape[1]) < txt_len
+    is_text = np.asarray(is_text, dtype=bool)
     entries = {}
     for modality, mask in (("t", is_text & ~special), ("i", ~is_text & ~special)):
         tokens = np.flatnonzero(mask)

@@ -5,13 +5,29 @@ naming the example and the field, e.g.::
 
     example 7, field 'attention': expected shape (12, 12, 250, 250) from tokens/txt_len, got (12, 12, 249, 250)
 
-It returns a :class:`Record` in the stored order: text tokens first (as given), then the image-side
-special tokens (coordinate ``None``), then the image patches sorted row-major by ``(y, x)``; the
-attention rows *and* columns and the hidden states are permuted to match.
+Two layouts:
 
-Token kinds: a text token is *special* when its string is one of ``special_tokens``.  An image
-token with coordinate ``None`` must be named like a special token (ViLT's image ``[CLS]``) and is
-special; every other image token is a patch with a unique, non-negative integer ``(x, y)``.  The
+- **Text first** (no ``modality`` field, the original format): the first ``txt_len`` tokens are text,
+  the rest image. The :class:`Record` is in the stored order: text tokens first (as given), then the
+  image-side special tokens (coordinate ``None``), then the image patches sorted by ``(grid, y, x)``;
+  the attention rows *and* columns and the hidden states are permuted to match.
+- **Any order** (``modality``: ``"text"`` / ``"image"`` per token, as a decoder VLM puts image tokens
+  between its system prompt and the question): tokens stay in sequence order, so that a causal
+  model's attention keeps its triangle; ``txt_len`` may then be omitted (it is the number of text tokens).
+
+``img_coords`` holds one entry per image token in sequence order: ``(x, y)`` for a patch of the first
+grid, ``(x, y, g)`` for a patch of grid ``g`` of ``grids``, or ``None`` for an image-side token that is
+no patch (a row-end newline, image start/end markers, ViLT's image ``[CLS]``). Several grids
+(LLaVA-NeXT's base image and high-resolution grid, Idefics3 tiles and thumbnail, several images) are
+given as ``grids``: ``[{"name": str, "rows": int, "cols": int, "box": [left, top, right, bottom]}]``,
+each ``box`` the pixel region of the stored image its patches cover (right and bottom exclusive).
+``generated`` counts the trailing tokens the model generated (text tokens); ``special`` (one bool
+per token) says which tokens are special when names alone cannot (chat-template markers).
+
+Token kinds: a text token is *special* when its string is one of ``special_tokens`` (or the
+record's ``special`` says so).  An image token with coordinate ``None`` is special; in the text-first
+layout it must also be named like a special token (ViLT's image ``[CLS]``), as a check that the
+coordinates are not shifted; every other image token is a patch with a unique, non-negative integer ``(x, y)``.  The
 grid of an example is the record's ``grid`` field ``(rows, cols)`` when given (every patch must lie
 inside it); without it, ``(max y + 1, max x + 1)`` over its patches, which is wrong when a model keeps no
 patch of the last row or column, so adapters always give ``grid``.
@@ -36,14 +52,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["RecordError", "Record", "validate_record", "answers_match", "DEFAULT_SPECIAL_TOKENS",
+__all__ = ["RecordError", "Record", "Grid", "validate_record", "answers_match", "DEFAULT_SPECIAL_TOKENS",
            "REQUIRED_FIELDS", "OPTIONAL_FIELDS", "MAX_EX_ID", "MAX_GRID_SIDE", "MAX_IMAGE_SIDE",
            "MAX_IMAGE_PIXELS", "ROW_SUM_TOLERANCE"]
 
 DEFAULT_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
-REQUIRED_FIELDS = ("ex_id", "image", "tokens", "txt_len", "attention", "hidden_states")
+REQUIRED_FIELDS = ("ex_id", "image", "tokens", "txt_len", "attention", "hidden_states")  # txt_len: unless modality
 OPTIONAL_FIELDS = ("img_coords", "grid", "accuracy", "custom_metrics", "metric_descriptions", "prediction",
-                   "text", "notes", "relevancy", "logit_lens")
+                   "text", "notes", "relevancy", "logit_lens", "modality", "grids", "generated", "special")
+MODALITIES = ("text", "image")
 
 MAX_EX_ID = 2**31 - 1            # the nearest-token index stores ids as int32
 MAX_GRID_SIDE = 1024             # patches per side (a 16 384-pixel image of 16-pixel patches)
@@ -54,6 +71,7 @@ WEIGHT_TOLERANCE = 1e-3          # attention weights may lie this far outside [0
 MAX_TOKEN_CHARS = 1000
 MAX_TEXT_CHARS = 100_000
 MAX_NOTE_CHARS = 1000
+MAX_GRIDS = 1024                 # grids per example (Idefics3 tiles, images of a prompt)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _SHORT = reprlib.Repr()
@@ -80,6 +98,34 @@ class RecordError(ValueError):
         super().__init__(f"example {ex_id}, field '{field}': {message}")
 
 
+@dataclass(frozen=True)
+class Grid:
+    """One patch grid of an example: ``rows`` x ``cols`` patches over the pixel ``box``
+    ``(left, top, right, bottom)`` of the stored image (right and bottom exclusive)."""
+
+    name: str
+    rows: int
+    cols: int
+    box: tuple[int, int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    def cell(self, x: int, y: int) -> tuple[float, float, float, float]:
+        """Patch ``(x, y)``'s pixel rectangle ``(x0, y0, x1, y1)`` on the stored image."""
+        left, top, right, bottom = self.box
+        width, height = (right - left) / self.cols, (bottom - top) / self.rows
+        return left + x * width, top + y * height, left + (x + 1) * width, top + (y + 1) * height
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "rows": self.rows, "cols": self.cols, "box": list(self.box)}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "Grid":
+        return cls(value["name"], int(value["rows"]), int(value["cols"]), tuple(int(v) for v in value["box"]))
+
+
 @dataclass
 class Record:
     """A validated record in stored order (see the module docstring)."""
@@ -89,7 +135,7 @@ class Record:
     txt_len: int
     special: np.ndarray            # (n,) bool
     coords: list[Optional[tuple[int, int]]]  # per token; None for text and special tokens
-    grid: Optional[tuple[int, int]]  # (rows, cols) or None for a text-only example
+    grid: Optional[tuple[int, int]]  # (rows, cols) of the first grid, or None for a text-only example
     image: np.ndarray              # (H, W, 3) uint8
     attention: np.ndarray          # (L, H, n, n) float32
     hidden_states: np.ndarray      # (L + 1, n, d) float32
@@ -102,6 +148,10 @@ class Record:
     relevancy: Optional[np.ndarray] = None  # (n, n) float32: gradient relevancy, rows = queries
     logit_lens: Optional[list] = None  # per hidden-state layer, the top answers [[answer, probability], ...]
     order: np.ndarray = None       # stored position i holds input token order[i]
+    is_text: np.ndarray = None     # (n,) bool: the token's modality
+    grids: tuple[Grid, ...] = ()   # every patch grid; patch_grid[i] indexes it
+    patch_grid: np.ndarray = None  # (n,) int16: grid of each patch, -1 for tokens without one
+    generated: int = 0             # the last `generated` tokens were generated by the model
 
     @property
     def n_layers(self) -> int:
@@ -191,7 +241,8 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
     """
     if not isinstance(record, dict):
         raise RecordError(ex_id, "record", f"expected a dict, got {type(record).__name__}")
-    missing = [name for name in REQUIRED_FIELDS if name not in record]
+    missing = [name for name in REQUIRED_FIELDS
+               if name not in record and not (name == "txt_len" and record.get("modality") is not None)]
     if "ex_id" in record and _is_int(record["ex_id"]) and 0 <= record["ex_id"] <= MAX_EX_ID:
         ex_id = int(record["ex_id"])
     if missing:
@@ -218,13 +269,13 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
                           f"at most {MAX_TOKEN_CHARS} are stored")
     tokens = [str(t) for t in tokens]
     n = len(tokens)
-    txt_len = record["txt_len"]
-    if not _is_int(txt_len) or not 0 <= txt_len <= n:
-        raise RecordError(ex_id, "txt_len", f"expected an int in 0..{n} (len(tokens)), got {_short(txt_len)}")
-    txt_len = int(txt_len)
+    is_text = _modality(ex_id, record, n)
+    txt_len = int(is_text.sum())
+    any_order = record.get("modality") is not None
     n_image = n - txt_len
+    image_positions = np.flatnonzero(~is_text)
 
-    # img_coords
+    # img_coords, grid, grids
     coords = record.get("img_coords")
     if coords is None or (hasattr(coords, "__len__") and len(coords) == 0):
         coords = []
@@ -232,47 +283,40 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
         coords = coords.tolist()
     if not isinstance(coords, (list, tuple)):
         raise RecordError(ex_id, "img_coords", f"expected a list of (x, y) or None, got {type(coords).__name__}")
-    given_grid = _grid_field(ex_id, record.get("grid"))
     if len(coords) != n_image:
+        counted = "image entries of modality" if any_order else f"len(tokens) - txt_len = {n} - {txt_len}"
         raise RecordError(ex_id, "img_coords", f"expected {n_image} coordinates (one per image token: "
-                          f"len(tokens) - txt_len = {n} - {txt_len}), got {len(coords)}")
+                          f"{counted}), got {len(coords)}")
     if n == 0:
         raise RecordError(ex_id, "tokens", "the record has neither text nor image tokens")
-    image_specials, patches, seen = [], [], {}
-    for i, coord in enumerate(coords):
-        position = txt_len + i
+    given_grid = _grid_field(ex_id, record.get("grid"))
+    given_grids = _grids_field(ex_id, record.get("grids"), given_grid)
+    limits = [g.shape for g in given_grids] if given_grids else [given_grid] if given_grid else None
+    patch_of = {}  # input position -> (g, x, y)
+    seen = {}
+    for position, coord in zip(image_positions.tolist(), coords):
         if coord is None:
-            if tokens[position] not in specials:
+            if not any_order and tokens[position] not in specials:
                 raise RecordError(ex_id, "img_coords", f"image token {position} ({tokens[position]!r}) has "
                                   f"coordinate None but is not a special token ({', '.join(sorted(specials))})")
-            image_specials.append(position)
             continue
-        if (not isinstance(coord, (list, tuple, np.ndarray)) or len(coord) != 2
-                or not all(_is_int(c) or (isinstance(c, numbers.Real) and not isinstance(c, (bool, np.bool_))
-                                          and float(c).is_integer()) for c in coord)):
-            raise RecordError(ex_id, "img_coords", f"image token {position}: expected (x, y) ints or None, "
-                              f"got {_short(coord)}")
-        if any(abs(float(c)) > MAX_GRID_SIDE for c in coord):
-            raise RecordError(ex_id, "img_coords", f"image token {position}: coordinate {_short(tuple(coord))} "
-                              f"lies outside any grid of at most {MAX_GRID_SIDE} patches a side")
-        x, y = int(coord[0]), int(coord[1])
-        if x < 0 or y < 0:
-            raise RecordError(ex_id, "img_coords", f"image token {position}: negative coordinate ({x}, {y})")
-        if x >= MAX_GRID_SIDE or y >= MAX_GRID_SIDE or (given_grid and (y >= given_grid[0] or x >= given_grid[1])):
-            rows, cols = given_grid or (MAX_GRID_SIDE, MAX_GRID_SIDE)
-            raise RecordError(ex_id, "img_coords", f"image token {position}: coordinate ({x}, {y}) lies outside "
-                              f"the grid of {rows} rows x {cols} columns" + (" (the record's grid)" if given_grid else ""))
-        if (x, y) in seen:
-            raise RecordError(ex_id, "img_coords", f"duplicate coordinate ({x}, {y}) for image tokens "
-                              f"{seen[(x, y)]} and {position}")
-        seen[(x, y)] = position
-        patches.append((y, x, position))
-    patches.sort()
-    order = np.array(list(range(txt_len)) + image_specials + [p for _, _, p in patches], dtype=np.int64)
-    if given_grid is not None and not patches:
-        raise RecordError(ex_id, "grid", "given, but the record has no image patches")
-    grid = given_grid or ((max(y for y, _, _ in patches) + 1, max(x for _, x, _ in patches) + 1) if patches else None)
-
+        g, x, y = _patch_coordinate(ex_id, position, coord, limits)
+        if (g, x, y) in seen:
+            on = f" of grid {g}" if given_grids else ""
+            raise RecordError(ex_id, "img_coords", f"duplicate coordinate ({x}, {y}){on} for image tokens "
+                              f"{seen[(g, x, y)]} and {position}")
+        seen[(g, x, y)] = position
+        patch_of[position] = (g, x, y)
+    if (given_grid is not None or given_grids) and not patch_of:
+        raise RecordError(ex_id, "grids" if given_grids else "grid", "given, but the record has no image patches")
+    if any_order:
+        order = np.arange(n, dtype=np.int64)
+    else:
+        image_specials = [p for p in image_positions.tolist() if p not in patch_of]
+        patches = sorted(patch_of, key=lambda p: (patch_of[p][0], patch_of[p][2], patch_of[p][1]))  # row-major
+        order = np.array(list(range(txt_len)) + image_specials + patches, dtype=np.int64)
+    special_given = _special_field(ex_id, record.get("special"), n)
+    generated = _generated_field(ex_id, record.get("generated"), is_text)
     # attention and hidden states
     attention = _numeric_array(ex_id, "attention", record["attention"], ndim=4)
     n_layers, n_heads = attention.shape[:2]
@@ -389,15 +433,145 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
         if relevancy is not None:
             relevancy = relevancy[order[:, None], order[None, :]]
     stored_tokens = [tokens[i] for i in order]
-    special = np.array([tokens[i] in specials if i < txt_len else coords[i - txt_len] is None
-                        for i in order], dtype=bool)
-    stored_coords = [None if i < txt_len or coords[i - txt_len] is None
-                     else (int(coords[i - txt_len][0]), int(coords[i - txt_len][1])) for i in order]
+    stored_text = is_text[order]
+    name_special = np.array([tokens[i] in specials for i in order], dtype=bool)
+    given_special = name_special if special_given is None else special_given[order]
+    no_patch = np.array([i not in patch_of for i in order], dtype=bool)
+    special = np.where(stored_text, given_special, no_patch)
+    stored_coords = [patch_of[i][1:] if i in patch_of else None for i in order]
+    patch_grid = np.array([patch_of[i][0] if i in patch_of else -1 for i in order], dtype=np.int16)
+    grids = given_grids or _implied_grids(given_grid, patch_of, image.shape[:2])
+    _check_boxes(ex_id, grids, image.shape[:2], bool(given_grids))
     return Record(ex_id=ex_id, tokens=stored_tokens, txt_len=txt_len, special=special,
-                  coords=stored_coords, grid=grid, image=image, attention=np.ascontiguousarray(attention),
+                  coords=stored_coords, grid=grids[0].shape if grids else None, image=image,
+                  attention=np.ascontiguousarray(attention),
                   hidden_states=np.ascontiguousarray(hidden), accuracy=accuracy, custom_metrics=metrics,
                   metric_descriptions=dict(descriptions), prediction=prediction, text=text, notes=notes,
-                  relevancy=relevancy, logit_lens=logit_lens, order=order)
+                  relevancy=relevancy, logit_lens=logit_lens, order=order, is_text=stored_text,
+                  grids=grids, patch_grid=patch_grid, generated=generated)
+
+
+def _modality(ex_id, record: dict, n: int) -> np.ndarray:
+    """(n,) bool, True for text tokens: from ``modality``, else the first ``txt_len`` tokens."""
+    modality = record.get("modality")
+    txt_len = record.get("txt_len")
+    if modality is None:
+        if not _is_int(txt_len) or not 0 <= txt_len <= n:
+            raise RecordError(ex_id, "txt_len", f"expected an int in 0..{n} (len(tokens)), got {_short(txt_len)}")
+        return np.arange(n) < int(txt_len)
+    if isinstance(modality, np.ndarray):
+        modality = modality.tolist()
+    if not isinstance(modality, (list, tuple)) or len(modality) != n:
+        raise RecordError(ex_id, "modality", f"expected one of {MODALITIES} per token ({n}), got "
+                          f"{_short(modality)}")
+    wrong = next((i for i, m in enumerate(modality) if m not in MODALITIES), None)
+    if wrong is not None:
+        raise RecordError(ex_id, "modality", f"token {wrong}: expected 'text' or 'image', got "
+                          f"{_short(modality[wrong])}")
+    is_text = np.array([m == "text" for m in modality], dtype=bool)
+    if txt_len is not None and (not _is_int(txt_len) or txt_len != int(is_text.sum())):
+        raise RecordError(ex_id, "txt_len", f"is {_short(txt_len)}, but modality names {int(is_text.sum())} "
+                          f"text tokens (omit txt_len when modality is given)")
+    return is_text
+
+
+def _patch_coordinate(ex_id, position: int, coord: Any, limits) -> tuple[int, int, int]:
+    """``(g, x, y)`` of an ``img_coords`` entry ``(x, y)`` or ``(x, y, g)``, checked against the grids."""
+    integral = (lambda c: _is_int(c) or (isinstance(c, numbers.Real) and not isinstance(c, (bool, np.bool_))
+                                         and float(c).is_integer()))
+    if (not isinstance(coord, (list, tuple, np.ndarray)) or len(coord) not in (2, 3)
+            or not all(integral(c) for c in coord)):
+        raise RecordError(ex_id, "img_coords", f"image token {position}: expected (x, y) or (x, y, grid) ints or "
+                          f"None, got {_short(coord)}")
+    if any(abs(float(c)) > MAX_GRID_SIDE for c in coord[:2]):
+        raise RecordError(ex_id, "img_coords", f"image token {position}: coordinate {_short(tuple(coord))} "
+                          f"lies outside any grid of at most {MAX_GRID_SIDE} patches a side")
+    x, y = int(coord[0]), int(coord[1])
+    g = int(coord[2]) if len(coord) == 3 else 0
+    if x < 0 or y < 0:
+        raise RecordError(ex_id, "img_coords", f"image token {position}: negative coordinate ({x}, {y})")
+    if g != 0 and (limits is None or not 0 <= g < len(limits) or len(limits) == 1):
+        raise RecordError(ex_id, "img_coords", f"image token {position}: grid {g} does not exist (the record's "
+                          f"grids field lists {0 if limits is None else len(limits)})")
+    rows, cols = limits[g] if limits else (MAX_GRID_SIDE, MAX_GRID_SIDE)
+    if x >= min(cols, MAX_GRID_SIDE) or y >= min(rows, MAX_GRID_SIDE):
+        which = f"grid {g}" if limits and len(limits) > 1 else "the grid"
+        raise RecordError(ex_id, "img_coords", f"image token {position}: coordinate ({x}, {y}) lies outside "
+                          f"{which} of {rows} rows x {cols} columns" + (" (the record's grid)" if limits else ""))
+    return g, x, y
+
+
+def _grids_field(ex_id, value: Any, grid: Optional[tuple[int, int]]) -> tuple[Grid, ...]:
+    """The record's ``grids`` (empty when absent); the first must agree with ``grid`` when both are given."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_GRIDS:
+        raise RecordError(ex_id, "grids", f"expected a list of 1..{MAX_GRIDS} dicts with name, rows, cols, box; "
+                          f"got {_short(value)}")
+    grids = []
+    for g, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) - {"name", "rows", "cols", "box"} \
+                or not {"rows", "cols", "box"} <= set(item):
+            raise RecordError(ex_id, "grids", f"grid {g}: expected a dict with rows, cols, box (and name), got "
+                              f"{_short(item)}")
+        rows, cols = _grid_field(ex_id, (item["rows"], item["cols"]))
+        box = item["box"]
+        if isinstance(box, np.ndarray):
+            box = box.tolist()
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_int(v) for v in box) \
+                or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+            raise RecordError(ex_id, "grids", f"grid {g}: box must be (left, top, right, bottom) ints with "
+                              f"left < right and top < bottom, got {_short(box)}")
+        name = _bounded_str(ex_id, "grids", item.get("name", f"grid {g}"), MAX_TOKEN_CHARS)
+        grids.append(Grid(name, rows, cols, tuple(int(v) for v in box)))
+    if grid is not None and grid != grids[0].shape:
+        raise RecordError(ex_id, "grid", f"is {grid}, but the first of grids is {grids[0].shape}")
+    return tuple(grids)
+
+
+def _implied_grids(grid: Optional[tuple[int, int]], patch_of: dict, image_size) -> tuple[Grid, ...]:
+    """The one grid of a record without ``grids``, over the whole image: the given ``grid`` or the
+    smallest one holding every patch."""
+    if not patch_of:
+        return ()
+    rows, cols = grid or (max(y for _, _, y in patch_of.values()) + 1, max(x for _, x, _ in patch_of.values()) + 1)
+    height, width = image_size
+    return (Grid("", rows, cols, (0, 0, int(width), int(height))),)
+
+
+def _check_boxes(ex_id, grids: tuple[Grid, ...], image_size, given: bool) -> None:
+    height, width = image_size
+    for g, grid in enumerate(grids):
+        if given and (grid.box[2] > width or grid.box[3] > height):
+            raise RecordError(ex_id, "grids", f"grid {g} ({grid.name!r}): box {grid.box} reaches outside the "
+                              f"{width} x {height} image")
+
+
+def _special_field(ex_id, value: Any, n: int) -> Optional[np.ndarray]:
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) != n \
+            or not all(isinstance(v, (bool, np.bool_)) for v in value):
+        raise RecordError(ex_id, "special", f"expected one bool per token ({n}), got {_short(value)}")
+    return np.array(value, dtype=bool)
+
+
+def _generated_field(ex_id, value: Any, is_text: np.ndarray) -> int:
+    """How many trailing tokens were generated: an int whose tokens are all text."""
+    if value is None:
+        return 0
+    n = len(is_text)
+    if not _is_int(value) or not 0 <= value <= n:
+        raise RecordError(ex_id, "generated", f"expected an int in 0..{n} (trailing generated tokens), got "
+                          f"{_short(value)}")
+    value = int(value)
+    if value and not is_text[n - value:].all():
+        first = n - value + int(np.argmin(is_text[n - value:]))
+        raise RecordError(ex_id, "generated", f"the last {value} tokens must be text (generated words), but "
+                          f"token {first} is an image token")
+    return value
 
 
 MAX_LENS_ANSWERS = 10

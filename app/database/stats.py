@@ -1,7 +1,7 @@
 """Per-head attention statistics, computed for every layer and head at once.
 
 Definition (one number per layer and head): the tokens of an example are split into two groups,
-*text* (the first ``txt_len`` tokens) and *image* (the rest); special tokens (``[CLS]``, ``[SEP]``,
+*text* and *image* by each token's modality (in any order); special tokens (``[CLS]``, ``[SEP]``,
 image-side ``[CLS]``, ...) belong to neither group, as queries **or** keys.  A statistic
 ``A -> B`` is the mean, over the queries of group ``A``, of the attention mass the query gives to
 the keys of group ``B``::
@@ -82,21 +82,24 @@ def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (values[..., mask].sum(axis=-1, dtype=np.float64) / count).astype(np.float32)
 
 
-def head_statistics(attention: np.ndarray, txt_len: int, special: np.ndarray, coords=None,
-                    image_size=None, grid=None) -> dict[str, np.ndarray]:
+def head_statistics(attention: np.ndarray, is_text: np.ndarray, special: np.ndarray, coords=None,
+                    image_size=None, grids=(), patch_grid=None) -> dict[str, np.ndarray]:
     """Every statistic of :data:`STATISTICS` for all layers and heads.
 
     attention: (n_layers, n_heads, n_tokens, n_tokens), rows are queries, columns keys.
-    txt_len: the number of text tokens (text first, then image tokens).
+    is_text: (n_tokens,) bool, each token's modality (tokens in any order).
     special: (n_tokens,) bool, true for special tokens (excluded from queries and keys).
-    coords, image_size, grid: per token (x, y) or None, the stored image's (H, W) and the patch grid
-    (rows, cols), for the mean attention distance (NaN without them).
+    coords, image_size, grids, patch_grid: per token (x, y) or None, the stored image's (H, W), the
+    example's patch grids (:class:`~app.database.records.Grid`) and each token's grid (-1: none), for the
+    mean attention distance (NaN without them).
     Returns {key: float32 (n_layers, n_heads)}, in the order of :data:`STATISTICS`.
     """
     attention = np.asarray(attention, dtype=np.float32)
     n = attention.shape[-1]
     special = np.asarray(special, dtype=bool)
-    is_text = np.arange(n) < txt_len
+    is_text = np.asarray(is_text, dtype=bool)
+    if is_text.shape != (n,):
+        raise ValueError(f"is_text: expected one bool per token ({n}), got shape {is_text.shape}")
     text = is_text & ~special
     image = ~is_text & ~special
     # (L, H, n): mass each query gives to the non-special keys of each group (one matmul each).
@@ -128,6 +131,6 @@ def head_statistics(attention: np.ndarray, txt_len: int, special: np.ndarray, co
         ("intra_modal", intra.astype(np.float32)),
         ("to_special", _masked_mean(to_special, text | image)),
         ("entropy", attention_entropy(attention, special) if (text | image).any() else nan),
-        ("distance", mean_attention_distance(attention, coords, image_size, grid) if coords is not None
-         and grid is not None else nan),
+        ("distance", mean_attention_distance(attention, coords, image_size, grids[0].shape, patch_grid, grids)
+         if coords is not None and grids else nan),
     ])

@@ -26,6 +26,7 @@ from app.database import neighbors
 from app.database.analysis import attention_rollout
 from app.database.checksum import seal_value
 from app.database.stats import head_statistics
+from app.database.records import Grid
 from app.database.store import (SCHEMA_VERSION, SUB_DBS, DatabaseError, VliLmdb, _ekey, _lkey, _open_lmdb,
                                 _scaled_float16, pending_environment)
 
@@ -137,9 +138,12 @@ def _upgrade_example(txn, dbs, ex_id: int, n_layers: int, n_heads: int, projecti
         * np.float32(2.0 ** -info["attention_exp"])
     old_stats = np.frombuffer(bytes(txn.get(ekey, db=dbs["stats"])), "<f4").reshape(-1, n_layers, n_heads)
     coords = [None if c is None else tuple(c) for c in info["coords"]]
-    grid = None if info["grid"] is None else tuple(info["grid"])
-    stats = list(head_statistics(attention, info["txt_len"], special, coords, tuple(info["image_size"]),
-                                 grid).values()) + list(old_stats[V1_STATISTICS:])
+    height, width = info["image_size"]
+    grids = () if info["grid"] is None else (Grid("", *info["grid"], (0, 0, width, height)),)
+    is_text = np.arange(n) < info["txt_len"]  # schema 1 stored text first
+    patch_grid = [-1 if c is None else 0 for c in coords]
+    stats = list(head_statistics(attention, is_text, special, coords, (height, width), grids,
+                                 patch_grid).values()) + list(old_stats[V1_STATISTICS:])
     hidden = _hidden(txn, dbs, ex_id, info)
     for name, key, value in (("ids", ekey, b""),
                              ("stats", ekey, np.stack(stats).astype("<f4").tobytes()),
@@ -154,7 +158,7 @@ def _upgrade_example(txn, dbs, ex_id: int, n_layers: int, n_heads: int, projecti
     txn.put(ekey, seal_value(json.dumps(info).encode()), db=dbs["info"])
     for layer, values in enumerate(hidden):
         txn.put(_lkey(ex_id, layer), seal_value(values.tobytes()), db=dbs["hidden"])
-    for key, value in neighbors.example_entries(ex_id, hidden, info["txt_len"], special, projection).items():
+    for key, value in neighbors.example_entries(ex_id, hidden, is_text, special, projection).items():
         txn.put(key, value, db=dbs["nn"])
     state["tail"].append(ex_id)
     if len(state["tail"]) >= neighbors.SHARD_EXAMPLES:

@@ -62,20 +62,15 @@ def report(db, ex_id, stat, zscore: bool, head_sel, sel, method) -> str:
         raise PreventUpdate
     method = tokens.attention_method(method)
     head_figure = heads.summary_view(db, ex_id, stat, zscore, head_sel)[0]
-    image_figure = tokens.example_view(db, ex_id, tokens.DEFAULT_OPACITY, [])[2]
     chosen = selected_tokens(sel, ex_id, info.n_tokens)
     weights = tokens.selection_weights(db, ex_id, method, head_sel, chosen) if chosen else None
-    if weights is not None and info.grid:
-        image_figure.update(data=[dict(image_figure.data[0].to_plotly_json(),
-                                       **figures.overlay_state(figures.overlay_grid(weights, info.coords, info.grid),
-                                                               info.grid, method))]
-                            + list(image_figure.data[1:]))
+    image_figure = tokens.image_view(db, info, 0, tokens.DEFAULT_OPACITY, [], weights, chosen, method)
     labels = figures.token_labels(info.tokens, info.coords)
     what = ("nothing selected" if weights is None else
             f"{method} from {', '.join(labels[t] for t in chosen[:5])}{' …' if len(chosen) > 5 else ''} — "
             f"{tokens.method_label(method, head_sel)}")
     return export.report_html(info, db.image_png(ex_id), head_figure, image_figure,
-                              None if weights is None else weights[:info.txt_len].tolist(), what)
+                              None if weights is None else weights.tolist(), what)
 
 
 def register_callbacks(app, ctx):

@@ -91,7 +91,7 @@ def layout(ctx, ex_id):
 def tsne_view(db, ex_id: int, layer: int) -> tuple:
     """The t-SNE map of one layer of an example (nothing marked) and its TSNE_READY value."""
     info = db.example(ex_id)
-    fig = figures.tsne_figure(db.tsne(ex_id, layer), info.tokens, info.txt_len, info.special, info.coords,
+    fig = figures.tsne_figure(db.tsne(ex_id, layer), info.tokens, info.is_text, info.special, info.coords,
                               figures.tsne_title(layer, db.n_layers))
     return fig, {"ex": ex_id, "layer": layer}
 
@@ -151,7 +151,7 @@ def register_callbacks(app, ctx):
                 no_update
         nb_info = db.example(nb.ex_id)
         nb_label = figures.token_labels(nb_info.tokens, nb_info.coords)[nb.token]
-        other = "image" if tok < info.txt_len else "text"
+        other = "image" if info.is_text[tok] else "text"
         if nb.ex_id == ex_id:
             patch["data"][4]["x"] = [float(pts[nb.token, 0])]
             patch["data"][4]["y"] = [float(pts[nb.token, 1])]
@@ -180,7 +180,7 @@ def register_callbacks(app, ctx):
             raise PreventUpdate
         info = example_info(db, nb.get("ex"))
         token = as_index(nb.get("token"), info.n_tokens)
-        side = "text" if token < info.txt_len else "image"
+        side = info.modality(token)
         if img_selected and info.ex_id == shown_ex and info.grid:
             return info.ex_id, {"ex": info.ex_id, "tokens": [token]}, side, clear_drawn_selection(info), None
         return info.ex_id, {"ex": info.ex_id, "tokens": [token]}, side, no_update, no_update
@@ -200,7 +200,7 @@ def register_callbacks(app, ctx):
         bbox = pt.get("bbox")
         if tok is None or not isinstance(bbox, dict):
             return False, no_update, no_update
-        jpeg = figures.thumbnail_jpeg(small_image(ex_id), info.coords[tok], info.grid)
+        jpeg = figures.thumbnail_jpeg(small_image(ex_id), info.patch_cell(tok))
         label = figures.token_labels(info.tokens, info.coords)[tok]
         children = [html.Img(src="data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"),
                              className="thumb"), html.Div(label, className="thumb-label")]
@@ -216,15 +216,15 @@ def register_callbacks(app, ctx):
         head_sel = head_selection(db, head_sel)
         m = np.asarray(db.attention_matrix(ex_id, head_sel["layer"], head_sel["head"]), dtype=np.float32)
         labels = figures.token_labels(info.tokens, info.coords)
-        t = info.txt_len
         if kind == "tt":
-            sub, ql, kl, qo, ko = m[:t, :t], labels[:t], labels[:t], 0, 0
+            shown = np.flatnonzero(info.is_text)
         elif kind == "ii":
-            sub, ql, kl, qo, ko = m[t:, t:], labels[t:], labels[t:], t, t
+            shown = np.flatnonzero(~info.is_text)
         else:
-            sub, ql, kl, qo, ko = m, labels, labels, 0, 0
+            shown = np.arange(info.n_tokens)
         title = f"Attention matrix ({MATRIX_NAMES[kind]}) — {head_label(head_sel)}"
-        return figures.attention_matrix_figure(sub, ql, kl, title, q_offset=qo, k_offset=ko)
+        return figures.attention_matrix_figure(m[np.ix_(shown, shown)], [labels[i] for i in shown],
+                                               [labels[i] for i in shown], title, shown, shown)
 
 
     @app.callback(Output(ids.DISTANCE_GRAPH, "figure"),
@@ -286,5 +286,5 @@ def point_token(pt: dict, info):
         return None
     special = info.special
     members = [i for i in range(len(info.tokens))
-               if (curve == 2 and special[i]) or (not special[i] and (i < info.txt_len) == (curve == 0))]
+               if (curve == 2 and special[i]) or (not special[i] and info.is_text[i] == (curve == 0))]
     return members[k] if 0 <= k < len(members) else None

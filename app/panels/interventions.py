@@ -187,7 +187,7 @@ def register_callbacks(app, ctx):
                     f"patches removed ({curve.removed[-1]}): '{curve.answers[-1]}', '{answer}' "
                     f"{curve.scores[-1]:.3f}.", className="muted")
             tokens = selected_tokens(sel, ex_id, info.n_tokens)
-            patches = [t for t in tokens if t >= info.txt_len and info.coords[t] is not None]
+            patches = [t for t in tokens if info.coords[t] is not None]
             if not patches:
                 return no_update, no_update, html.Div("Select image patches in the attention panel first (Select: "
                                                       "image, then click, box or lasso).", className="iv-error")

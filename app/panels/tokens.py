@@ -50,8 +50,9 @@ def play_label(playing: bool) -> list:
 
 def layout(ctx, ex_id):
     """The panel showing example ``ex_id`` with nothing selected (None: an empty database)."""
-    segments, chips, figure, ready = example_view(ctx.db, ex_id, DEFAULT_OPACITY, []) if ex_id is not None \
-        else (None, None, None, None)
+    segments, chips, figure, ready, grid_options, grid_value, grid_style = \
+        example_view(ctx.db, ex_id, DEFAULT_OPACITY, []) if ex_id is not None \
+        else (None, None, None, None, [], 0, {"display": "none"})
     return panel(
         "Attention", "Pick the query side, then click tokens (text) or click / box-select / lasso patches "
         "(image): their attention to every token is shown, for the head selected in the head summary. "
@@ -80,6 +81,11 @@ def layout(ctx, ex_id):
                               "modeBarButtonsToRemove": ["toImage", "autoScale2d", "zoomIn2d", "zoomOut2d"]},
                       **initial_figure(figure)),
             html.Div(chips, id=ids.IMAGE_SPECIALS, className="image-specials"),
+            html.Div([html.Span("Grid:", className="label"),
+                      dcc.RadioItems(id=ids.GRID_SWITCH, options=grid_options, value=grid_value, inline=True,
+                                     className="side-switch")],
+                     id=ids.GRID_SWITCH_WRAP, className="controls grid-switch", style=grid_style,
+                     title="the model saw the image through several patch grids: show one at a time"),
         ], className="image-wrap"),
         html.Div([
             html.Span("Overlay opacity", className="label"),
@@ -104,51 +110,117 @@ def _span(text: str, index: int, cls: str, title: str = None) -> dict:
     return {"type": "Span", "namespace": "dash_html_components", "props": props}
 
 
-def trailing_pads(info) -> int:
-    """How many ``[PAD]`` tokens end the text (padding up to the model's length, never drawn)."""
-    n = 0
-    while n < info.txt_len and info.tokens[info.txt_len - 1 - n] == PAD:
-        n += 1
-    return n
+def _note(text: str, cls: str, title: str) -> dict:
+    return {"type": "Span", "namespace": "dash_html_components",
+            "props": {"children": text, "className": cls, "title": title}}
+
+
+def shown_text_tokens(info) -> list[int]:
+    """The text tokens drawn, in sequence order: all but the ``[PAD]`` tokens that end the prompt
+    (padding up to the model's length, never drawn)."""
+    prompt = [int(i) for i in np.flatnonzero(info.is_text[:info.n_tokens - info.generated])]
+    answer = list(range(info.n_tokens - info.generated, info.n_tokens))
+    while prompt and info.tokens[prompt[-1]] == PAD:
+        prompt.pop()
+    return prompt + answer
 
 
 def token_elements(info) -> tuple[list, list]:
-    """Text segments (split after each [SEP]) of clickable token spans, and the image-side special
-    token chips. Special tokens get the class ``special`` (greyed) but stay clickable. Trailing
-    ``[PAD]`` tokens are one small "+N [PAD]" note at the end instead of N tokens."""
+    """Text segments of clickable token spans, and the image-side special token chips.
+
+    The text is split after each [SEP]; where the image's tokens lie between text tokens (a decoder's
+    prompt) a marker stands in their place, and the generated answer is a segment of its own.
+    Special tokens get the class ``special`` (greyed) but stay clickable. The ``[PAD]`` tokens that end
+    the prompt are one small "+N [PAD]" note instead of N tokens."""
     segments, current = [], []
-    pads = trailing_pads(info)
-    for i in range(info.txt_len - pads):
-        tok = info.tokens[i]
-        current.append(_span(tok, i, "tok special" if info.special[i] else "tok"))
-        if tok == "[SEP]":
+
+    def close():
+        nonlocal current
+        if current:
             segments.append(html.Div(current, className="segment"))
-            current = []
+        current = []
+
+    shown = set(shown_text_tokens(info))
+    first_generated = info.n_tokens - info.generated
+    pads = sum(1 for i in np.flatnonzero(info.is_text[:first_generated]) if i not in shown)
+    n, i = info.n_tokens, 0
+    while i < n:
+        if info.generated and i == first_generated:
+            close()
+            current.append(_note("answer:", "label generated-label", f"the {info.generated} tokens the model "
+                                                                        f"generated: click one for its attention"))
+        if not info.is_text[i]:
+            end = i
+            while end < n and not info.is_text[end]:
+                end += 1
+            if 0 < end < n or (i == 0 and end < n):  # the image lies within or before the text
+                patches = sum(1 for k in range(i, end) if info.coords[k] is not None)
+                current.append(_note(f"[image · {patches} patches]", "image-slot",
+                                     f"tokens {i}–{end - 1}: the image's place in the sequence"))
+            i = end
+            continue
+        if i in shown:
+            tok = info.tokens[i]
+            cls = "tok special" if info.special[i] else "tok"
+            current.append(_span(tok, i, cls + " generated" if i >= first_generated else cls))
+            if tok == "[SEP]":
+                close()
+        i += 1
     if pads:
-        note = {"type": "Span", "namespace": "dash_html_components",
-                "props": {"children": f"+{pads} {PAD}", "className": "pad-note",
-                          "title": f"{pads} padding tokens end the text (not shown)"}}
+        note = _note(f"+{pads} {PAD}", "pad-note", f"{pads} padding tokens end the text (not shown)")
         (current if current or not segments else segments[-1].children).append(note)
-    if current:
-        segments.append(html.Div(current, className="segment"))
+    close()
     chips = [_span(info.tokens[i], i, "tok special chip", "image-side special token: click to select it")
-             for i in range(info.txt_len, len(info.tokens)) if info.coords[i] is None]
+             for i in range(n) if not info.is_text[i] and info.coords[i] is None]
     if chips:
         chips.insert(0, html.Span("Image tokens:", className="label"))
     return segments, chips
 
 
 def example_view(db, ex_id: int, opacity: float, smooth: list) -> tuple:
-    """Text token segments, image-side special tokens, the image figure (no overlay yet), and the
-    example id for EXAMPLE_READY."""
+    """Text token segments, image-side special tokens, the image figure (first grid, no overlay yet),
+    the example id for EXAMPLE_READY, and the grid switch (options, value, style)."""
     info = db.example(ex_id)
     segments, chips = token_elements(info)
-    fig = figures.image_figure(figures.png_data_uri(db.image_png(ex_id)), info.image_size,
-                               info.coords, info.grid)
-    if info.grid:
-        fig.data[0].opacity = opacity
-        fig.data[0].zsmooth = "best" if smooth else False
-    return segments, chips, fig, ex_id
+    return (segments, chips, image_view(db, info, 0, opacity, smooth), ex_id, *grid_switch(info))
+
+
+def grid_switch(info) -> tuple[list, int, dict]:
+    """The grid switch's options, value and style: shown only for an example with several grids."""
+    options = [{"label": f" {grid.name or f'grid {g + 1}'} ({grid.rows}×{grid.cols})", "value": g}
+               for g, grid in enumerate(info.grids)]
+    return options, 0, {} if len(options) > 1 else {"display": "none"}
+
+
+def shown_grid(info, value) -> int:
+    """The grid switch's value as a grid of the example (0 for anything else)."""
+    valid = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(info.grids)
+    return value if valid else 0
+
+
+def grid_overlay(info, g: int, att: Optional[np.ndarray], tokens: list, method: str) -> tuple[dict, list]:
+    """The overlay trace's properties and the selection outlines on grid ``g`` for the weights ``att``
+    (None: the empty overlay)."""
+    grid, coords = info.grids[g], info.on_grid(g)
+    if att is None:
+        return figures.overlay_state(None, grid.shape), []
+    state = figures.overlay_state(figures.overlay_grid(att, coords, grid.shape), grid.shape, method)
+    return state, figures.patch_shapes(tokens, coords, grid.shape, info.image_size, grid.box)
+
+
+def image_view(db, info, g: int, opacity: float, smooth: list, att: Optional[np.ndarray] = None,
+               tokens: list = (), method: str = DEFAULT_METHOD):
+    """The image figure with grid ``g`` (each grid over its own region of the image) and, given
+    ``att``, its overlay."""
+    grid = info.grids[g] if info.grids else None
+    fig = figures.image_figure(figures.png_data_uri(db.image_png(info.ex_id)), info.image_size,
+                               info.on_grid(g) if grid else info.coords, grid and grid.shape, grid and grid.box)
+    if grid:
+        state, shapes = grid_overlay(info, g, att, list(tokens), method)
+        fig.update(data=[dict(fig.data[0].to_plotly_json(), **state, opacity=opacity,
+                              zsmooth="best" if smooth else False)] + list(fig.data[1:]))
+        fig.layout.shapes = shapes
+    return fig
 
 
 def empty_selection(ex_id) -> dict:
@@ -192,6 +264,8 @@ def register_callbacks(app, ctx):
 
     @app.callback(Output(ids.TEXT_TOKENS, "children"), Output(ids.IMAGE_SPECIALS, "children"),
                   Output(ids.IMAGE_GRAPH, "figure"), Output(ids.EXAMPLE_READY, "data"),
+                  Output(ids.GRID_SWITCH, "options"), Output(ids.GRID_SWITCH, "value"),
+                  Output(ids.GRID_SWITCH_WRAP, "style"),
                   Input(ids.EXAMPLE_SELECT, "value"),
                   State(ids.OPACITY, "value"), State(ids.SMOOTH, "value"), prevent_initial_call=True)
     def show_example(ex_id, opacity, smooth):
@@ -238,7 +312,7 @@ def register_callbacks(app, ctx):
             if not isinstance(token_click, dict):
                 raise PreventUpdate
             i = as_index(token_click.get("index"), info.n_tokens)
-            return answer([i], "text" if i < info.txt_len else "image")
+            return answer([i], info.modality(i))
         if trig == ids.IMAGE_GRAPH and f"{ids.IMAGE_GRAPH}.clickData" in dctx.triggered_prop_ids:
             tok = _token_from_point(first_point(img_click), info.n_tokens)
             if tok is None:
@@ -256,26 +330,27 @@ def register_callbacks(app, ctx):
             tok = point_token(first_point(tsne_click), info)
             if tok is None:
                 raise PreventUpdate
-            return answer([tok], "text" if tok < info.txt_len else "image")
+            return answer([tok], info.modality(tok))
         if trig == ids.SIDE or trig == ids.CLEAR_SELECTION:
             if side not in SIDES:
                 raise PreventUpdate
             return answer([])
-        n_text = info.txt_len - trailing_pads(info)  # Play steps through the tokens shown
+        steps = shown_text_tokens(info)  # Play steps through the text tokens shown
+        step = steps.index(cur[0]) if len(cur) == 1 and cur[0] in steps else None
         if trig == ids.PLAY:
             if not stopped:
                 return answer()  # pause
-            if n_text == 0:
+            if not steps:
                 raise PreventUpdate
-            start = 0 if not cur or cur[0] >= n_text - 1 or side != "text" else cur[0]
-            return answer([start], "text", playing=True)
+            start = 0 if step is None or step >= len(steps) - 1 or side != "text" else step
+            return answer([steps[start]], "text", playing=True)
         if trig == ids.PLAY_INTERVAL:  # (a box/lasso drawn meanwhile stopped the play: none to clear)
             if stopped:
                 raise PreventUpdate
-            nxt = cur[0] + 1 if len(cur) == 1 and cur[0] < n_text else 0
-            if nxt >= n_text:
+            nxt = 0 if step is None else step + 1
+            if nxt >= len(steps):
                 return answer(clear=False)
-            return answer([nxt], "text", playing=False if nxt == n_text - 1 else None, clear=False)
+            return answer([steps[nxt]], "text", playing=False if nxt == len(steps) - 1 else None, clear=False)
         raise PreventUpdate
 
     @app.callback(Output(ids.ATT_METHOD_HELP, "children"), Input(ids.ATT_METHOD, "value"),
@@ -286,14 +361,16 @@ def register_callbacks(app, ctx):
     @app.callback(Output(ids.ATT_STORE, "data"), Output(ids.IMAGE_GRAPH, "figure", allow_duplicate=True),
                   Output(ids.ATT_TITLE, "children"),
                   Input(ids.SEL_STORE, "data"), Input(ids.HEAD_STORE, "data"), Input(ids.EXAMPLE_READY, "data"),
-                  Input(ids.ATT_METHOD, "value"), State(ids.ATT_TITLE, "children"), prevent_initial_call=True)
-    def show_attention(sel, head_sel, ready, method, shown_title):
+                  Input(ids.ATT_METHOD, "value"), State(ids.ATT_TITLE, "children"), State(ids.GRID_SWITCH, "value"),
+                  prevent_initial_call=True)
+    def show_attention(sel, head_sel, ready, method, shown_title, grid_value):
         """The selected queries' attention, or rollout (one read of just those rows), to every token."""
         if ready is None or not head_sel:
             raise PreventUpdate
         info = example_info(db, ready)
         head_sel = head_selection(db, head_sel)
         method = attention_method(method)
+        g = shown_grid(info, grid_value)
         patch = Patch()
         tokens = selected_tokens(sel, ready, info.n_tokens)
         if not tokens:
@@ -304,32 +381,30 @@ def register_callbacks(app, ctx):
             if f"{ids.EXAMPLE_READY}.data" in dctx.triggered_prop_ids:  # the figure was just drawn bare
                 return None, no_update, HINT
             if info.grid:
-                for key, value in figures.overlay_state(None, info.grid).items():
+                for key, value in grid_overlay(info, g, None, [], method)[0].items():
                     patch["data"][0][key] = value
             patch["layout"]["shapes"] = []
             return None, patch, HINT
         att = selection_weights(db, ready, method, head_sel, tokens)
         if att is None:  # nothing to show for this method: clear what was shown, and say why
             if info.grid:
-                for key, value in figures.overlay_state(None, info.grid).items():
+                for key, value in grid_overlay(info, g, None, [], method)[0].items():
                     patch["data"][0][key] = value
             return None, patch, NO_RELEVANCY
         image_max = None
         if info.grid:
-            grid = figures.overlay_grid(att, info.coords, info.grid)
-            state = figures.overlay_state(grid, info.grid, method)
+            state, patch["layout"]["shapes"] = grid_overlay(info, g, att, tokens, method)
             image_max = state["zmax"]
             for key, value in state.items():
                 patch["data"][0][key] = value
-            patch["layout"]["shapes"] = figures.patch_shapes(tokens, info.coords, info.grid, info.image_size)
         # Text tokens and image-side special tokens are tinted in the browser (vli.tint), on the
         # same colour scale as the image, from 0 to the highest attention of a (non-special) token.
-        n_chips = next((i for i in range(info.txt_len, len(info.tokens)) if info.coords[i] is not None),
-                       len(info.tokens))
-        shown = att[:n_chips]
-        plain = ~np.asarray(info.special[:n_chips], dtype=bool)
-        scale = figures.scale_max(shown[plain] if plain.any() else shown)
-        store = {"w": np.round(shown.astype(np.float64), 4).tolist(), "max": scale, "sel": tokens, "name": method}
+        spans = np.array([c is None for c in info.coords])  # the tokens drawn as text or chips
+        last = int(np.flatnonzero(spans)[-1]) + 1 if spans.any() else 0
+        plain = spans & ~np.asarray(info.special, dtype=bool)
+        scale = figures.scale_max(att[plain] if plain.any() else att[spans])
+        store = {"w": np.round(att[:last].astype(np.float64), 4).tolist(), "max": scale, "sel": tokens,
+                 "name": method}
         labels = figures.token_labels(info.tokens, info.coords)
         what = f"‘{labels[tokens[0]]}’" if len(tokens) == 1 else f"{len(tokens)} tokens (averaged)"
         ranges = f"text 0 – {scale:.3g}" + (f", image 0 – {image_max:.3g}" if image_max is not None else "")
@@ -376,6 +451,24 @@ def register_callbacks(app, ctx):
         patch["data"][0]["opacity"] = _opacity(opacity)
         patch["data"][0]["zsmooth"] = "best" if smooth else False
         return patch
+
+    @app.callback(Output(ids.IMAGE_GRAPH, "figure", allow_duplicate=True),
+                  Output(ids.IMAGE_GRAPH, "selectedData", allow_duplicate=True),
+                  Input(ids.GRID_SWITCH, "value"), State(ids.EXAMPLE_READY, "data"), State(ids.SEL_STORE, "data"),
+                  State(ids.HEAD_STORE, "data"), State(ids.ATT_METHOD, "value"), State(ids.OPACITY, "value"),
+                  State(ids.SMOOTH, "value"), prevent_initial_call=True)
+    def switch_grid(grid_value, ready, sel, head_sel, method, opacity, smooth):
+        """Another grid of the example: the image figure redrawn with that grid, the overlay of the
+        current selection on it (one figure, so that no patch of the old one can land on it)."""
+        if ready is None or not head_sel:
+            raise PreventUpdate
+        info = example_info(db, ready)
+        method = attention_method(method)
+        tokens = selected_tokens(sel, ready, info.n_tokens)
+        att = selection_weights(db, ready, method, head_selection(db, head_sel), tokens) if tokens else None
+        shown = _opacity(opacity)
+        return image_view(db, info, shown_grid(info, grid_value), DEFAULT_OPACITY if shown is None else shown,
+                          smooth, att, tokens, method), None
 
 
 def _opacity(value):

@@ -19,6 +19,7 @@ __all__ = ["ImageLoadError", "ModelLoadError", "VL_Model", "available_models", "
            "run_data_setup"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NOT_MODELS = ("vl_model", "capture")  # the model interface and the capture API, not models
 
 
 class ModelLoadError(Exception):
@@ -26,9 +27,9 @@ class ModelLoadError(Exception):
 
 
 def available_models() -> list[str]:
-    """Module names under app/database/models/ that may hold a model (``vl_model`` excluded)."""
+    """Module names under app/database/models/ that may hold a model (:data:`NOT_MODELS` excluded)."""
     return sorted(
-        m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name != "vl_model"
+        m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name not in NOT_MODELS
     )
 
 
