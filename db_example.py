@@ -2,8 +2,9 @@
 
     python db_example.py [--out example_database1]
 
-Creates three examples (450x800 images, 12 layers, 12 heads, hidden size 768, a 2x3 grid of
-image patches and a short text) in ``example_database1/`` and preprocesses them.  Run the app on
+Creates four examples (450x800 images, 12 layers, 12 heads, hidden size 768) in ``example_database1/``
+and preprocesses them: three in the original layout (text first, then a 2x3 grid of image patches) and
+one as a decoder VLM writes it (image tokens inside the prompt, two patch grids, a generated answer).  Run the app on
 it with ``python run_app.py -d example_database1``.  The database is re-created from scratch.
 """
 import argparse
@@ -70,6 +71,44 @@ def random_example(ex_id, rng):
     }
 
 
+def decoder_example(ex_id, rng):
+    """A record in a decoder VLM's layout: tokens in sequence order, each with its modality; the image
+    seen through two grids (a 2x3 base grid over the whole image and a 4x6 grid over its left half,
+    say a high-resolution crop), and an answer the model generated."""
+    prompt = ["<s>", "USER", ":"]
+    base = [(x, y, 0) for y in range(2) for x in range(3)]     # (x, y, grid): patch x, y of grid 0
+    detail = [(x, y, 1) for y in range(4) for x in range(6)]   # ... and of grid 1
+    question = ["what", "color", "is", "the", "shape", "?", "ASSISTANT", ":"]
+    answer = ["red", "</s>"]
+    tokens = prompt + ["<image>"] * (len(base) + len(detail)) + question + answer
+    n_tokens = len(tokens)
+    # causal attention: a query attends to itself and the tokens before it
+    causal = np.tril(np.ones((n_tokens, n_tokens), bool))
+    logits = np.where(causal, rng.normal(size=(N_LAYERS, N_HEADS, n_tokens, n_tokens)) * 2, -np.inf)
+    blocks = rng.integers(0, 256, size=(IMAGE_H // 15 + 1, IMAGE_W // 16 + 1, 3), dtype=np.uint8)
+    return {
+        "ex_id": ex_id,
+        "image": np.repeat(np.repeat(blocks, 15, axis=0), 16, axis=1)[:IMAGE_H, :IMAGE_W],
+        "tokens": tokens,
+        # "text" or "image" per token, so tokens may come in any order (no txt_len needed)
+        "modality": ["text"] * len(prompt) + ["image"] * (len(base) + len(detail)) + ["text"] * (len(question) + 2),
+        # one entry per image token in sequence order: (x, y) on the first grid, (x, y, g) on grid g,
+        # None for an image-side token that is no patch (a row-end newline, an image start marker)
+        "img_coords": base + detail,
+        # every grid: its size and the pixel box (left, top, right, bottom) of the image it covers
+        "grids": [{"name": "base", "rows": 2, "cols": 3, "box": [0, 0, IMAGE_W, IMAGE_H]},
+                  {"name": "left half, high resolution", "rows": 4, "cols": 6, "box": [0, 0, IMAGE_W // 2, IMAGE_H]}],
+        # how many tokens at the end the model generated (offered as queries, shown as the answer)
+        "generated": len(answer),
+        # which tokens are special (chat-template markers), when their names alone do not say
+        "special": [t in ("<s>", "</s>") for t in tokens],
+        "attention": softmax(logits).astype(np.float32),
+        "hidden_states": rng.normal(size=(N_LAYERS + 1, n_tokens, HIDDEN)).astype(np.float32),
+        "prediction": {"answer": "red", "score": 0.8, "label": "red"},
+        "text": "what color is the shape?",
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="example_database1", help="database folder (re-created)")
@@ -77,7 +116,7 @@ def main(argv=None):
     if os.path.exists(args.out):
         shutil.rmtree(args.out)
     rng = np.random.default_rng(0)
-    data = [random_example(ex_id, rng) for ex_id in range(3)]
+    data = [random_example(ex_id, rng) for ex_id in range(3)] + [decoder_example(3, rng)]
 
     db = VliLmdb(db_dir=args.out, read_only=False)
     for ex in data:
