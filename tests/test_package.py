@@ -104,7 +104,7 @@ def test_installed_command_runs_from_the_venv(venv, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("usage: vl-interpret") and "-d DB" in shown.stdout
     assert "vl-interpret extract" in shown.stdout and "vl-interpret upgrade" in shown.stdout
-    for subcommand, option in (("extract", "--pairs"), ("upgrade", "DB")):
+    for subcommand, option in (("extract", "--pairs"), ("upgrade", "DB"), ("merge", "--into")):
         shown = run_outside([command, subcommand, "--help"], tmp_path)
         assert shown.returncode == 0 and option in shown.stdout, shown.stderr
     located = run_outside([os.path.join(venv, "python"), "-c",
@@ -149,20 +149,23 @@ def test_browsing_a_database_imports_no_torch(venv, small_db, tmp_path):
 # ------------------------------------------------------------------------------------ dispatch (cli)
 def test_cli_hands_the_arguments_to_each_module(monkeypatch, small_db):
     import app.database.extract
+    import app.database.merge
     import app.database.upgrade
     import app.server
     from app import cli
 
     calls = []
-    for module in (app.database.extract, app.database.upgrade, app.server):
+    for module in (app.database.extract, app.database.upgrade, app.database.merge, app.server):
         monkeypatch.setattr(module, "main", lambda argv, name=module.__name__, prog=None:
                             calls.append((name, argv, prog)) or 7)
     extract = ["-m", "vilt", "ckpt", "--pairs", "p.jsonl", "--out", "db"]
     assert cli.main(["extract", *extract]) == 7
     assert cli.main(["upgrade", "db1", "db2"]) == 7
+    assert cli.main(["merge", "a", "b", "--into", "c"]) == 7
     assert cli.main(["-d", small_db.path, "-p", "0", "-m", "vilt", "ckpt"]) == 7
     assert calls == [("app.database.extract", extract, "vl-interpret extract"),
                      ("app.database.upgrade", ["db1", "db2"], "vl-interpret upgrade"),
+                     ("app.database.merge", ["a", "b", "--into", "c"], "vl-interpret merge"),
                      ("app.server", ["-d", small_db.path, "-p", "0", "-m", "vilt", "ckpt"], None)]
 
 

@@ -112,11 +112,6 @@ def _remember_renumbered(into: str, key: str, ex_id: int, new_id: int) -> None:
         os.fsync(f.fileno())
 
 
-def _source_hash(db: VliLmdb, ex_id: int) -> Optional[str]:
-    # VliLmdb has no public accessor for an example's raw-record hash (info's "source").
-    return db._stored_source(ex_id)  # noqa: SLF001
-
-
 def merge(paths: list[str], into: str, renumber: bool = False, progress: bool = True, log=None) -> MergeReport:
     """Merge the databases ``paths`` into ``into`` (created when missing; see the module docstring)."""
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
@@ -152,7 +147,7 @@ def merge(paths: list[str], into: str, renumber: bool = False, progress: bool = 
 def _copy_all(sources: dict[str, VliLmdb], target: VliLmdb, into: str, renumber: bool, progress: bool, log,
               report: MergeReport) -> None:
     held = set(target.example_ids())
-    hashes = {h: i for i in held if (h := _source_hash(target, i)) is not None}
+    hashes = {h: i for i in held if (h := target.stored_source(i)) is not None}
     renumbered = _load_renumbered(into) if renumber else {}
     # in id order (ties in the order given): the shards of one extraction interleave back into line order
     work = sorted(((ex_id, n, path) for n, (path, db) in enumerate(sources.items()) for ex_id in db.example_ids()))
@@ -169,7 +164,7 @@ def _copy_all(sources: dict[str, VliLmdb], target: VliLmdb, into: str, renumber:
                     continue
                 raise ValueError(f"example {new_id} is already in {into} with another text"
                                    + ("" if renumber else " (--renumber merges both)"))
-            digest = _source_hash(source, ex_id)
+            digest = source.stored_source(ex_id)
             if digest is not None and digest in hashes:
                 report.already.append((path, ex_id))
                 log(f"{path}: example {ex_id} is example {hashes[digest]} of {into} (same raw record): skipped")
