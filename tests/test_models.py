@@ -9,7 +9,7 @@ from PIL import Image
 
 import app.database.models as models_pkg
 from app.database.database import VliLmdb
-from app.database.models import ImageLoadError, ModelLoadError, VL_Model, load_model, run_data_setup
+from app.database.models import ImageLoadError, ModelLoadError, VL_Model, available_models, load_model, run_data_setup
 from app.database.models.vl_model import load_image
 from app.database.records import validate_record
 from helpers import fast_tsne  # noqa: F401 (autouse fixture: t-SNE is A's, tested there)
@@ -171,6 +171,7 @@ def test_load_model_errors_are_one_line(user_models):
         ("broken", ()): "needs 'this_package_does_not_exist_c2'",
         ("raises", ("/nowhere",)): "cannot load model Raises(/nowhere): no checkpoint at /nowhere (details)",
         ("../etc", ()): "invalid model name",
+        ("capture", ()): "app/database/models/capture.py is not a model",
     }
     for (name, params), expected in cases.items():
         with pytest.raises(ModelLoadError) as info:
@@ -179,6 +180,7 @@ def test_load_model_errors_are_one_line(user_models):
         assert expected in message and "\n" not in message, message
     with pytest.raises(ModelLoadError, match="available: .*vilt"):
         load_model("nosuchmodel", [], progress=False)
+    assert "capture" not in available_models() and "vl_model" not in available_models()
 
 
 def test_load_model_reports_progress(vqa_dir, capsys):

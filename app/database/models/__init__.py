@@ -44,6 +44,9 @@ def load_model(name: str, params=(), progress: bool = True) -> VL_Model:
         raise ModelLoadError(f"invalid model name {name!r}: use a module name from app/database/models/")
     params = [str(p) for p in params]
     module_name = name.lower()
+    if module_name in NOT_MODELS:
+        raise ModelLoadError(f"app/database/models/{module_name}.py is not a model (available: "
+                             f"{', '.join(available_models())})")
     class_name = name.title()
     qualified = f"{__name__}.{module_name}"
     if progress:
