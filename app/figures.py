@@ -407,8 +407,9 @@ def attention_distance_figure(distance: np.ndarray) -> go.Figure:
 
 
 def logit_lens_figure(lens: Sequence[Sequence], n_layers: int) -> go.Figure:
-    """The logit lens of a classifier head: for every hidden-state layer (emb, 1..L), the answers the
-    model's own head would give from that layer's pooled token, most probable first.
+    """The logit lens: for every hidden-state layer (emb, 1..L), the answers (a classifier's, from the
+    pooled token) or next tokens (a decoder's, where the answer starts) the model's own head would give
+    from that layer, most probable first.
 
     ``lens``: per hidden-state layer, ``[[answer, probability], ...]`` (records.py). A heatmap: rows
     are layers (emb at the top), columns the rank, colour the probability, each cell labelled with its
@@ -429,7 +430,7 @@ def logit_lens_figure(lens: Sequence[Sequence], n_layers: int) -> go.Figure:
                  colorbar=dict(thickness=10, title=dict(text="p")), xgap=1, ygap=1,
                  hovertemplate="layer %{y}, rank %{x}: %{text}<extra></extra>")]
     layout = _layout(
-        title=dict(text="Logit lens: the answers of each layer's pooled token", x=0.01, y=0.98, font=dict(size=13)),
+        title=dict(text="Logit lens: what each layer would answer", x=0.01, y=0.98, font=dict(size=13)),
         xaxis=dict(title=dict(text="rank"), side="top", showgrid=False, fixedrange=True),
         yaxis=dict(title=dict(text="layer"), type="category", autorange="reversed", showgrid=False, fixedrange=True),
         margin=dict(l=56, r=10, t=64, b=10), hovermode="closest")

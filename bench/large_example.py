@@ -54,16 +54,23 @@ def llava_shaped_record(ex_id: int, seed: int = 0) -> dict:
 
 
 def stored_bytes(db, ex_id: int) -> dict[str, int]:
-    """Bytes of the values of one example, per sub-database (keys of the example's id)."""
+    """Bytes of the values of one example, per sub-database: the keys of its id, and its entries of the
+    nearest-token index (while they are in the index's tail, as after one add)."""
+    from app.database import neighbors  # noqa: PLC0415
+
     prefix = b"%010d" % ex_id
     sizes = {}
     with db._read() as txn:  # a benchmark may look inside
         for name, handle in db._dbs.items():
             cursor = txn.cursor(db=handle)
             total = 0
-            if cursor.set_range(prefix):
+            if name == b"nn":
+                for layer in range(db.n_layers + 1):
+                    for modality in ("t", "i"):
+                        total += sum(len(txn.get(key, b"", db=handle)) for key in neighbors.tail_key(layer, modality, ex_id))
+            elif cursor.set_range(prefix):
                 for key, value in cursor:
-                    if not key.startswith(prefix):
+                    if not bytes(key).startswith(prefix):
                         break
                     total += len(key) + len(value)
             sizes[name] = total
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
             info = db.example(ex_id)
             print(f"example {ex_id}: {info.n_tokens} tokens, {LAYERS} x {HEADS} heads, hidden {HIDDEN}: "
                   f"{full / 1e6:.0f} MB as float16, stored in {total / 1e6:.1f} MB (preprocessed in {seconds:.1f} s)")
-            print("  " + ", ".join(f"{name.decode()} {size / 1e6:.1f} MB" for name, size in sizes.items() if size))
+            print("  " + ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sizes.items() if size))
             print(f"  reduction: {info.reduction}")
     shape = db_shape(path)
     server = start_server(path)

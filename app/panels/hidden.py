@@ -26,10 +26,12 @@ MATRIX_KINDS = [{"label": "text → text", "value": "tt"}, {"label": "image → 
 MATRIX_NAMES = {k["value"]: k["label"] for k in MATRIX_KINDS}
 EMB = "emb"  # the layer slider's name for hidden-state layer 0 (before layer 1)
 MATRIX_TOOLS_REMOVED = ["select2d", "lasso2d", "autoScale2d", "zoomIn2d", "zoomOut2d"]  # a short tool bar
-LENS_HELP = ("The model's own final norm, pooler and answer head applied to the pooled token's hidden state "
-             "after every layer (a logit lens): when the answer forms. At the last layer it is the model's "
-             "answer.")
-NO_LENS = "This example has no logit lens: its record did not bring one (the ViLT adapter stores it for VQA heads)."
+LENS_HELP = ("A logit lens: the model's own output head applied to a hidden state after every layer, when the "
+             "answer forms. Classifiers (ViLT): final norm, pooler and answer head on the pooled token. Decoder "
+             "VLMs (-m hf): final norm and LM head where the answer starts (the prompt's last token). At the last "
+             "layer it is the model's own output.")
+NO_LENS = ("This example has no logit lens: its record did not bring one (the ViLT adapter stores it for VQA "
+           "heads, the -m hf adapters for decoder VLMs).")
 DISTANCE_HELP = ("Each dot is a head of this example. Mean attention distance: " + STATISTICS["distance"][1]
                  + ". Small = local heads, large = heads that look across the image.")
 
