@@ -64,7 +64,9 @@ class VL_Model(abc.ABC):  # noqa: N801 - the name users' existing classes subcla
 
         The record needs ``ex_id, image, tokens, txt_len, img_coords, attention
         (n_layers, n_heads, n, n), hidden_states (n_layers + 1, n, hidden)`` and may add
-        ``accuracy``, ``prediction``, ``custom_metrics`` and ``text``.
+        ``accuracy``, ``prediction``, ``custom_metrics``, ``text``, ``notes``; a decoder gives
+        ``modality`` (tokens in sequence order, then ``txt_len`` may go), ``grid`` or ``grids``,
+        ``generated`` and ``special`` (README, "The database format").
         """
 
     def dimensions(self) -> Optional[tuple[int, int, int]]:
