@@ -291,3 +291,32 @@ def test_layout_uses_the_screen(dash_duo, tmp_path, monkeypatch):
     # The columns reach down to the last sixth of the screen (no third of it left empty).
     assert max(rect(dash_duo, i)["bottom"] for i in (ids.IMAGE_GRAPH, ids.TSNE_GRAPH)) >= 1080 * 5 / 6
     assert dash_duo.get_logs() == [], "browser console has errors"
+
+
+def test_decoder_example_in_the_browser(dash_duo, tmp_path, monkeypatch):
+    """A decoder VLM's example as a person sees it: the prompt with the image's place in it, the generated
+    answer, and a grid switch that redraws the overlay of a generated word on the other grid's region."""
+    import app.database.store as store
+    from helpers import fake_tsne_maps, make_db, make_decoder_record
+
+    monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
+    db, _ = make_db(tmp_path / "db", [make_decoder_record(0, grids=((2, 2), (1, 3)))], special_tokens=("<s>",))
+    info = db.example(0)
+    dash_duo.start_server(create_app(db))
+    dash_duo.wait_for_element(token_css(0), timeout=10)
+    text = dash_duo.find_element("#" + ids.TEXT_TOKENS).text
+    assert "[image · 7 patches]" in text and "answer:" in text
+    assert text.index("USER") < text.index("[image") < text.index("what") < text.index("answer:") < text.index("red")
+    red = info.n_tokens - 2
+    dash_duo.find_element(token_css(red)).click()
+    weights = db.attention(0, db.n_layers - 1, None, [red])
+    wait_until(lambda: close(overlay_z(dash_duo), weights[info.patch_grid == 0].reshape(2, 2)),
+               what="the first grid's overlay of the generated word")
+    labels = [e.text for e in dash_duo.find_elements(f"#{ids.GRID_SWITCH} label")]
+    assert labels == ["grid 0 (2×2)", "grid 1 (1×3)"]
+    dash_duo.find_elements(f"#{ids.GRID_SWITCH} input")[1].click()
+    wait_until(lambda: close(overlay_z(dash_duo), np.array([weights[info.patch_grid == 1]])),
+               what="the second grid's overlay")
+    assert graph_js(dash_duo, ids.IMAGE_GRAPH, "return gd._fullData[0].x0;") == 24 + 4
+    assert dash_duo.get_logs() == []
