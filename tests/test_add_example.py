@@ -353,22 +353,29 @@ def test_add_example_in_the_browser(dash_duo, db, vilt, tmp_path, request, monke
     assert dash_duo.get_logs() == []
 
 
+BUNDLED = {"vilt": ("example_database2", ["-m", "vilt", "shapes_vqa/vilt-shapes"]),
+           "llava": ("example_database3", ["-m", "hf", "shapes_vqa/llava-shapes"])}
+
+
 @pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver")
-def test_bundled_model_in_the_browser(dash_duo, tmp_path):
-    """The README's first command on a copy of example_database2 (``run_app.py -d DB -m vilt
-    shapes_vqa/vilt-shapes``): upload a scene the model never saw, ask about it, and see the new
-    example with the model's (right) answer and its attention overlay; it is still stored after
-    the server stops."""
+@pytest.mark.parametrize("bundled", list(BUNDLED))
+def test_bundled_model_in_the_browser(dash_duo, tmp_path, bundled):
+    """The README's commands on a copy of a bundled database with its model loaded (``run_app.py -d DB
+    -m vilt shapes_vqa/vilt-shapes``, ``-m hf shapes_vqa/llava-shapes``): upload a scene the model never
+    saw, ask about it, and see the new example with the model's (right) answer and the attention overlay
+    of the question's shape word; it is still stored after the server stops."""
     import shutil
     import socket
     import subprocess
     import sys
 
+    from app import figures
     from shapes_vqa import scenes
 
+    database, model_args = BUNDLED[bundled]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     db_dir = tmp_path / "db"
-    shutil.copytree(os.path.join(root, "example_database2"), db_dir, ignore=shutil.ignore_patterns("lock.mdb"))
+    shutil.copytree(os.path.join(root, database), db_dir, ignore=shutil.ignore_patterns("lock.mdb"))
     with VliLmdb(db_dir) as before:
         new_id, n_layers = max(before.example_ids()) + 1, before.n_layers
     ex = next(e for e in scenes.generate(10, seed=4321) if e.qtype == "color")
@@ -378,9 +385,8 @@ def test_bundled_model_in_the_browser(dash_duo, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "run_app.py", "-d", str(db_dir), "-p", str(port),
-                               "-m", "vilt", "shapes_vqa/vilt-shapes"], cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([sys.executable, "run_app.py", "-d", str(db_dir), "-p", str(port), *model_args],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
         while True:  # until the server listens (the model loads first)
@@ -403,18 +409,19 @@ def test_bundled_model_in_the_browser(dash_duo, tmp_path):
         dash_duo.wait_for_contains_text("#" + ids.PREDICTION, f"Prediction: {ex.answer}", timeout=10)
         assert dash_duo.find_element(f"#{ids.PREDICTION} .badge").text == "correct"
 
-        # the shape word of "what color is the <shape>?" is token 5 ([CLS] first)
-        token = f'[id=\'{{"index":5,"type":"{ids.TOKEN}"}}\']'
-        shape = scenes.question_words(ex.question)[4]
-        dash_duo.wait_for_text_to_equal(token, shape, timeout=10)
-        dash_duo.find_element(token).click()
+        shape = scenes.question_words(ex.question)[4]  # "what color is the <shape>?"
         with VliLmdb(db_dir) as db:
             info = db.example(new_id)
-            expected = db.attention(new_id, n_layers - 1, None, [5])[info.txt_len + 1:]  # patches
-        z = wait_for_overlay(dash_duo, expected)
+            index = next(i for i, t in enumerate(info.tokens) if info.is_text[i] and t.strip("▁Ġ ") == shape)
+            expected = figures.overlay_grid(db.attention(new_id, n_layers - 1, None, [index]), info.coords,
+                                            info.grid)
+        token = f'[id=\'{{"index":{index},"type":"{ids.TOKEN}"}}\']'
+        dash_duo.wait_for_text_to_equal(token, info.tokens[index], timeout=10)
+        dash_duo.find_element(token).click()
+        z = wait_for_overlay(dash_duo, expected.ravel())
         grid = scenes.SCENE_SIZE // 16
         assert z is not None and z.shape == info.grid == (grid, grid)
-        np.testing.assert_allclose(z.ravel(), expected, rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(z, expected, rtol=1e-3, atol=1e-6)
         assert dash_duo.get_logs() == []
     finally:
         server.terminate()
