@@ -373,6 +373,23 @@ def test_options_and_errors(checkpoints, tmp_path):
         assert supported in message
 
 
+def test_auto_device_spreads_the_model_with_accelerate(checkpoints, models, records, images, monkeypatch):
+    """``-m hf CHECKPOINT auto``: loaded with device_map="auto" (accelerate places the modules; here all on
+    the CPU), and the record is the same."""
+    placements = []
+
+    def spy(*args, **kwargs):  # the adapter's AutoModelForImageTextToText.from_pretrained
+        placements.append(kwargs.get("device_map"))
+        return LlavaForConditionalGeneration.from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr("transformers.AutoModelForImageTextToText.from_pretrained", spy)
+    hf = load_model("hf", [checkpoints["llava"], "auto", f"max_new_tokens={MAX_NEW_TOKENS}"], progress=False)
+    assert placements == ["auto"] and hf.model.device.type == "cpu"
+    record = run_data_setup(hf, 3, images["llava"], QUESTION, label="red")
+    assert record["tokens"] == records["llava"]["tokens"]
+    np.testing.assert_allclose(record["attention"], records["llava"]["attention"], atol=1e-6)
+
+
 def test_vilt_checkpoint_goes_to_vilt(tmp_path):
     from app.database.models.vilt import Vilt
 

@@ -21,7 +21,7 @@ from helpers import fake_tsne_maps, make_record, softmax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST_INFO = "vl_interpret-0.1.0.dist-info"
-MODEL_EXTRA = {"transformers", "safetensors", "torch"}  # requirements.txt lines that go to [models]
+MODEL_EXTRA = {"transformers", "safetensors", "torch", "accelerate"}  # requirements.txt lines that go to [models]
 SERVE_EXTRA = {"gunicorn"}
 
 

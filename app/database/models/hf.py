@@ -40,6 +40,7 @@ ADAPTERS = {
 DELEGATED = {"vilt": "app.database.models.vilt:Vilt"}  # encoder models with a live model of their own
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_MAX_NEW_TOKENS = 32
+AUTO_DEVICE = "auto"  # the device word for a model spread over every GPU (device_map="auto")
 LENS_TOP = 10  # tokens per layer in the logit lens (records.MAX_LENS_ANSWERS)
 HINT_KEY = "vl_interpret_hint"  # optional config.json key: what images the checkpoint expects
 
@@ -70,7 +71,8 @@ class HfAdapter:
         model_types: tuple[str, ...]           config.model_type values this adapter handles
         model_class                            transformers class load() uses (AutoModelForImageTextToText)
         load(checkpoint, device, dtype) -> (model, processor)
-            dtype: a torch.dtype or "auto"; the model in eval mode on ``device``, eager attention
+            dtype: a torch.dtype or "auto"; the model in eval mode on ``device`` (a torch.device, or
+            "auto": spread over the GPUs by accelerate's device_map="auto"), eager attention
         prompt_inputs(processor, image: PIL.Image, text: str) -> BatchFeature   (batch of 1, "pt" tensors)
             default: the processor's chat template (one user turn: the image, then the text; the
             generation prompt added), else plain_prompt(processor, text); training labels dropped
@@ -92,11 +94,12 @@ class HfAdapter:
     model_types: tuple = ()
     model_class = AutoModelForImageTextToText
 
-    def load(self, checkpoint: str, device: torch.device, dtype):
+    def load(self, checkpoint: str, device, dtype):
         # eager attention: under SDPA transformers silently returns no attention maps
-        model = self.model_class.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager")
+        placement = {"device_map": "auto"} if device == AUTO_DEVICE else {}
+        model = self.model_class.from_pretrained(checkpoint, dtype=dtype, attn_implementation="eager", **placement)
         processor = AutoProcessor.from_pretrained(checkpoint)
-        return model.to(device).eval(), processor
+        return (model if placement else model.to(device)).eval(), processor
 
     def prompt_inputs(self, processor, image: Image.Image, text: str):
         if getattr(processor, "chat_template", None):
@@ -202,7 +205,8 @@ class Hf(VL_Model):
     SmolVLM), run on one (image, text) pair at a time; a ViLT checkpoint is handed to :class:`Vilt`.
 
     ``checkpoint``: a Hub id or a local ``save_pretrained`` directory (model and processor).
-    ``device_and_options``: a torch device string (``cpu`` by default, ``cuda``, ``cuda:1``) and
+    ``device_and_options``: a torch device string (``cpu`` by default, ``cuda``, ``cuda:1``, or ``auto``:
+    a model too large for one GPU spread over all of them with accelerate's ``device_map="auto"``) and
     ``key=value`` options, in any order:
 
     - ``max_new_tokens=N``: the longest answer generated (default 32); a longer one is cut, with a note.
@@ -228,9 +232,9 @@ class Hf(VL_Model):
         device, options = split_device(device_and_options)
         settings = parse_options(options)
         self.adapter = adapter_for(_model_type(checkpoint))
-        self.device = torch.device(device)
         self.max_new_tokens = settings["max_new_tokens"]
-        self.model, self.processor = self.adapter.load(checkpoint, self.device, settings["dtype"])
+        self.model, self.processor = self.adapter.load(
+            checkpoint, device if device == AUTO_DEVICE else torch.device(device), settings["dtype"])
         self.text_config = self.model.config.get_text_config()
         self._lock = threading.Lock()  # one run at a time (data_setup may be called from threads)
 
@@ -245,7 +249,8 @@ class Hf(VL_Model):
     def prompt(self, image: Image.Image, text: str):
         """The model inputs for one pair, on the model's device (floating tensors in its dtype)."""
         inputs = self.adapter.prompt_inputs(self.processor, image, text)
-        return {k: v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device)
+        device = self.model.device  # with device_map="auto": where the embeddings are
+        return {k: v.to(device, self.model.dtype) if v.is_floating_point() else v.to(device)
                 for k, v in inputs.items()}
 
     def generate(self, inputs: dict, **generate_kwargs):
