@@ -122,3 +122,8 @@ EXPORT_STATISTICS = "export-statistics"  # every statistic of every head of the 
 EXPORT_MATRIX = "export-matrix"  # the selected head's attention matrix, as .npy
 IMAGE_EXPORT = "image-export"  # pattern {"type": IMAGE_EXPORT, "graph": id, "format": "png" | "svg"}
 IMAGE_EXPORT_DONE = "image-export-done"  # the clientside download's (unused) output
+# Links that reopen a view (app/panels/links.py): the page state in the URL's query string.
+URL = "url"  # dcc.Location: its search holds the view's state, one history entry per view
+COPY_LINK = "copy-link"  # dcc.Clipboard: copies the page's address, which reopens this view
+LINK_SHOWN = "link-shown"  # store: the search the page shows (written or restored), "" on opening
+LINK_REQUEST = "link-request"  # store: a search to restore (a link opened, or back / forward)

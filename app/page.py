@@ -7,7 +7,7 @@ from dash import html
 from app import ids
 from app.context import AppContext
 from app.database.database import CorruptValueError
-from app.panels import dataset, example, heads, hidden, interventions, tokens
+from app.panels import dataset, example, heads, hidden, interventions, links, tokens
 from app.panels.common import error_banner
 
 TITLE = "VL-InterpreT"
@@ -33,6 +33,7 @@ def _page(ctx: AppContext, add_panel, ex_ids: list, first, drawn: bool, damaged:
         html.Div([html.H1(TITLE), html.Span(example_count_text(db, len(ex_ids)), id=ids.EXAMPLE_COUNT,
                                             className="muted")], className="brand"),
         example.layout(ctx, first),
+        links.layout(ctx),
     ], className="topbar")
     left = [heads.layout(ctx, first)] + ([add_panel.layout(ctx)] if add_panel is not None else []) \
         + ([interventions.layout(ctx)] if interventions.available(ctx) else [])

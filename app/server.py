@@ -34,7 +34,7 @@ from app import ids, page
 from app.context import AppContext
 from app.database.database import CorruptValueError, DatabaseError, VliLmdb
 from app.jobs import BOUNDED_LOG_RECORDS, shorten
-from app.panels import add_example, dataset, example, heads, hidden, interventions, tokens
+from app.panels import add_example, dataset, example, heads, hidden, interventions, links, tokens
 from app.panels.add_example import MAX_BYTES, MAX_REQUEST_BYTES, format_size
 from app.panels.common import error_style
 
@@ -92,6 +92,7 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
     app.layout = lambda: page.page_layout(ctx, add_panel)  # per page load: new examples show after a reload
     for panel in (example, heads, tokens, hidden, dataset):
         panel.register_callbacks(app, ctx)
+    links.register_callbacks(app, ctx)
     if add_panel is not None:
         add_panel.register_callbacks(app, ctx)
     if interventions.available(ctx):

@@ -95,7 +95,7 @@ def test_token_click_index_out_of_range_or_malformed_is_refused(page, index):
     assert status == NO_UPDATE
 
 
-@pytest.mark.parametrize("ex_id", [99, -1, "0", 1.5, None, [0], True])
+@pytest.mark.parametrize("ex_id", [99, -1, "0", 1.5, None, [0], True, 2 ** 31, 10 ** 600])
 def test_unknown_example_ids_are_refused_by_every_callback_they_reach(page, ex_id):
     trigger = f"{ids.EXAMPLE_SELECT}.value"
     for output in (f"{ids.TEXT_TOKENS}.children", f"{ids.SEL_STORE}.data", f"{ids.HEAD_GRAPH}.figure",

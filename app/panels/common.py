@@ -7,6 +7,7 @@ from dash import Patch, html, no_update
 from dash.exceptions import PreventUpdate
 
 from app import ids
+from app.database.records import MAX_EX_ID
 
 
 def panel(title, help_text, *children, class_name="", title_id=None):
@@ -75,8 +76,8 @@ def as_index(value, n: int) -> int:
 
 def example_info(db, ex_id):
     """The ExampleInfo of an example id sent by the browser: an int naming a stored example
-    (``db.example`` would turn 1.5 into 1 and "2" into 2)."""
-    if isinstance(ex_id, bool) or not isinstance(ex_id, int):
+    (``db.example`` would turn 1.5 into 1 and "2" into 2) within the ids a database can hold."""
+    if isinstance(ex_id, bool) or not isinstance(ex_id, int) or not 0 <= ex_id <= MAX_EX_ID:
         raise PreventUpdate
     try:
         return db.example(ex_id)

@@ -24,6 +24,7 @@ NEIGHBOR_HINT = "Select a token to find its closest token of the other modality.
 MATRIX_KINDS = [{"label": "text → text", "value": "tt"}, {"label": "image → image", "value": "ii"},
                 {"label": "full", "value": "full"}]
 MATRIX_NAMES = {k["value"]: k["label"] for k in MATRIX_KINDS}
+TABS = ("tsne", "matrix", "distance", "lens")  # the views' tab values, the first one open
 EMB = "emb"  # the layer slider's name for hidden-state layer 0 (before layer 1)
 MATRIX_TOOLS_REMOVED = ["select2d", "lasso2d", "autoScale2d", "zoomIn2d", "zoomOut2d"]  # a short tool bar
 LENS_HELP = ("A logit lens: the model's own output head applied to a hidden state after every layer, when the "
@@ -42,7 +43,7 @@ def layout(ctx, ex_id):
     figure, ready = tsne_view(ctx.db, ex_id, n_layers) if ex_id is not None else (None, None)
     marks = {0: EMB}
     marks.update({l: str(l) for l in range(1, n_layers + 1) if n_layers <= 12 or l % 2 == 0 or l == n_layers})
-    tsne_tab = dcc.Tab(label="Hidden states (t-SNE)", value="tsne", children=[
+    tsne_tab = dcc.Tab(label="Hidden states (t-SNE)", value=TABS[0], children=[
         html.P("Each dot is a token of this example; text and image tokens in two colours, special "
                "tokens grey. Hover an image dot to see its patch; click a dot to select that token.",
                className="help"),
@@ -62,7 +63,7 @@ def layout(ctx, ex_id):
         html.Button("Open it", id=ids.NEIGHBOR_OPEN, className="btn", style={"display": "none"}),
         dcc.Store(id=ids.TSNE_READY, data=ready), dcc.Store(id=ids.NEIGHBOR_STORE),
     ])
-    matrix_tab = dcc.Tab(label="Attention matrix", value="matrix", children=[
+    matrix_tab = dcc.Tab(label="Attention matrix", value=TABS[1], children=[
         html.P("The selected head's attention: rows are queries, columns the keys they attend to.",
                className="help"),
         html.Div([dcc.RadioItems(id=ids.MATRIX_KIND, options=MATRIX_KINDS, value="tt", inline=True,
@@ -73,19 +74,19 @@ def layout(ctx, ex_id):
         dcc.Graph(id=ids.MATRIX_GRAPH, className="matrix-graph",
                   config={"displaylogo": False, "modeBarButtonsToRemove": MATRIX_TOOLS_REMOVED}),
     ])
-    distance_tab = dcc.Tab(label="Attention distance", value="distance", children=[
+    distance_tab = dcc.Tab(label="Attention distance", value=TABS[2], children=[
         html.P(DISTANCE_HELP, className="help"),
         html.Div(image_downloads(ids.DISTANCE_GRAPH), className="controls"),
         dcc.Graph(id=ids.DISTANCE_GRAPH, className="distance-graph", config={"displayModeBar": False}),
     ])
-    lens_tab = dcc.Tab(label="Logit lens", value="lens", children=[
+    lens_tab = dcc.Tab(label="Logit lens", value=TABS[3], children=[
         html.P(LENS_HELP, className="help"),
         html.Div(id=ids.LENS_NOTE, className="help"),
         html.Div(image_downloads(ids.LENS_GRAPH), className="controls"),
         dcc.Graph(id=ids.LENS_GRAPH, className="lens-graph", config={"displayModeBar": False}),
     ])
     return panel("Hidden states and attention matrix", "Pick a view; only the visible one is computed.",
-                 dcc.Tabs(id=ids.VIEW_TABS, value="tsne", children=[tsne_tab, matrix_tab, distance_tab, lens_tab],
+                 dcc.Tabs(id=ids.VIEW_TABS, value=TABS[0], children=[tsne_tab, matrix_tab, distance_tab, lens_tab],
                           className="view-tabs"),
                  class_name="panel-hidden")
 
