@@ -496,9 +496,12 @@ class Scenario:
     "select another example" does not always hit warm caches.
     """
 
-    def __init__(self, rep: Replayer, ex_ids: list[int], txt_len: int, grid: tuple[int, int],
-                 n_layers: int, n_heads: int):
-        self.rep, self.ex_ids, self.txt_len, self.grid = rep, ex_ids, txt_len, grid
+    def __init__(self, rep: Replayer, ex_ids: list[int], text_tokens: list[int], patch_tokens: list[int],
+                 grid: tuple[int, int], n_layers: int, n_heads: int):
+        """text_tokens: positions of the text tokens; patch_tokens: the token of each grid cell, row-major
+        (of the first example: in any token order, a decoder's prompt included)."""
+        self.rep, self.ex_ids, self.grid = rep, ex_ids, grid
+        self.text_tokens, self.patch_tokens = text_tokens, patch_tokens
         self.n_layers, self.n_heads = n_layers, n_heads
         self.k = 0
 
@@ -515,7 +518,7 @@ class Scenario:
         return {("example-select", "value"): self.ex_ids[(pos + 1) % len(self.ex_ids)]}
 
     def click_text_token(self):
-        i = 1 + self.tick() % max(self.txt_len - 2, 1)
+        i = self.text_tokens[1 + self.tick() % max(len(self.text_tokens) - 2, 1)]
         cid = stringify_id({"index": i, "type": "token"})
         return {(cid, "n_clicks"): self._n(cid, "n_clicks")}
 
@@ -526,8 +529,10 @@ class Scenario:
         for r in range(r0, min(r0 + 3, rows)):
             for c in range(2, min(5, cols)):
                 k = r * cols + c
+                if k >= len(self.patch_tokens):  # a grid with cells the model kept no patch of
+                    continue
                 pts.append({"curveNumber": 1, "pointNumber": k, "pointIndex": k, "x": c, "y": r,
-                            "customdata": self.txt_len + k})
+                            "customdata": self.patch_tokens[k]})
         return {("image-graph", "selectedData"): {"points": pts, "range": {"x": [0, 1], "y": [0, 1]}}}
 
     def click_head(self):
@@ -547,9 +552,9 @@ class Scenario:
         return {("tsne-layer", "value"): (cur - 1) % (self.n_layers + 1)}
 
     def hover_tsne(self):
-        k = self.tick() % min(50, self.grid[0] * self.grid[1])
+        k = self.tick() % min(50, len(self.patch_tokens))
         return {("tsne-graph", "hoverData"): {"points": [{"curveNumber": 1, "pointNumber": k, "pointIndex": k,
-                                                         "customdata": self.txt_len + k, "x": 0.0, "y": 0.0,
+                                                         "customdata": self.patch_tokens[k], "x": 0.0, "y": 0.0,
                                                          "bbox": {"x0": 100, "x1": 106, "y0": 80, "y1": 86}}]}}
 
     def play_setup(self):
@@ -588,7 +593,9 @@ def db_shape(db_path: str) -> dict:
     try:
         ids = db.example_ids()
         info = db.example(ids[0])
+        cells = sorted((c[1], c[0], i) for i, c in enumerate(info.coords) if c is not None and info.patch_grid[i] == 0)
         return {"ex_ids": ids, "txt_len": info.txt_len, "grid": info.grid or (1, 1),
+                "text_tokens": [int(i) for i in np.flatnonzero(info.is_text)], "patch_tokens": [i for _, _, i in cells],
                 "n_layers": db.n_layers, "n_heads": db.n_heads, "n_tokens": info.n_tokens}
     finally:
         db.close()
@@ -607,7 +614,7 @@ def measure(url: str, shape: dict, reps: int, only: Optional[list[str]] = None, 
             results["page load (replay)"].append(rep.page_load())
             if think:
                 time.sleep(think * pause.uniform(0.5, 1.5))
-        sc = Scenario(rep, shape["ex_ids"], shape["txt_len"], tuple(shape["grid"]), shape["n_layers"],
+        sc = Scenario(rep, shape["ex_ids"], shape["text_tokens"], shape["patch_tokens"], tuple(shape["grid"]), shape["n_layers"],
                       shape["n_heads"])
         # A selection first, so that head clicks, layers etc. have a token to show.
         rep.interact(sc.click_text_token())
@@ -768,7 +775,7 @@ def browser_callbacks(url: str, shape: dict) -> list[tuple[str, list[str]]]:
 
 def replay_callbacks(url: str, shape: dict) -> list[tuple[str, list[str]]]:
     rep = Replayer(url)
-    sc = Scenario(rep, shape["ex_ids"], shape["txt_len"], tuple(shape["grid"]), shape["n_layers"], shape["n_heads"])
+    sc = Scenario(rep, shape["ex_ids"], shape["text_tokens"], shape["patch_tokens"], tuple(shape["grid"]), shape["n_layers"], shape["n_heads"])
     out = [("page load", [_short(o) for o in rep.page_load().fired])]
     cid = stringify_id({"index": 1, "type": "token"})
     out.append(("click a text token", [_short(o) for o in rep.interact({(cid, "n_clicks"): 1}).fired]))
