@@ -279,9 +279,10 @@ def _format(acc: dict) -> str:
     return " ".join(f"{k} {v:.3f}" for k, v in acc.items())
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+def training_arguments(description: str, default_out: Path, eval_every: int) -> argparse.ArgumentParser:
+    """The options both shapes models' training scripts take (each adds its own layer counts)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=default_out)
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
     p.add_argument("--stage-steps", type=int, nargs=len(CURRICULUM), metavar="STEPS",
                    help=f"steps of each curriculum stage (default: {' '.join(str(st.steps) for st in CURRICULUM)})")
@@ -289,19 +290,32 @@ def main(argv=None) -> dict:
     p.add_argument("--n-eval", type=int, default=1000)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads (one per core; on cores busy with other work, use 1)")
-    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=eval_every)
     p.add_argument("--seed", type=int, default=TRAIN_SEED)
-    a = p.parse_args(argv)
+    return p
+
+
+def chosen_curriculum(args) -> tuple:
+    """CURRICULUM with the --stage-steps given; --quick: a few tiny steps per stage (and a small model)."""
     curriculum = CURRICULUM
-    if a.stage_steps:
-        curriculum = tuple(replace(st, steps=n) for st, n in zip(curriculum, a.stage_steps))
-    if a.quick:
+    if args.stage_steps:
+        curriculum = tuple(replace(st, steps=n) for st, n in zip(curriculum, args.stage_steps))
+    if args.quick:
         curriculum = tuple(replace(st, steps=2, n_examples=16) for st in curriculum)
-        a.batch, a.n_eval, a.hidden, a.layers, a.eval_every = 8, 16, 32, 2, 0
+        args.batch, args.n_eval, args.hidden, args.eval_every = 8, 16, 32, 0
+    return curriculum
+
+
+def main(argv=None) -> dict:
+    p = training_arguments(__doc__.split("\n")[0], DEFAULT_OUT, eval_every=500)
+    p.add_argument("--layers", type=int, default=4)
+    a = p.parse_args(argv)
+    curriculum = chosen_curriculum(a)
+    if a.quick:
+        a.layers = 2
     return train(a.out, curriculum, a.n_eval, a.batch, a.lr, a.hidden, a.layers, a.heads, a.seed,
                  a.threads, a.eval_every)
 

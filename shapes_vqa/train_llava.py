@@ -19,12 +19,10 @@ training_report.json in the model folder gives accuracy per stage, wall and CPU 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -276,29 +274,13 @@ def _format(acc: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
-    p.add_argument("--stage-steps", type=int, nargs=len(CURRICULUM), metavar="STEPS",
-                   help=f"steps of each curriculum stage (default: {' '.join(str(st.steps) for st in CURRICULUM)})")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--n-eval", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--hidden", type=int, default=64)
+    p = vilt_train.training_arguments(__doc__.split("\n")[0], DEFAULT_OUT, eval_every=1000)
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--text-layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch threads (one per core; on cores busy with other work, use 1)")
-    p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=TRAIN_SEED)
     a = p.parse_args(argv)
-    curriculum = CURRICULUM
-    if a.stage_steps:
-        curriculum = tuple(replace(st, steps=n) for st, n in zip(curriculum, a.stage_steps))
+    curriculum = vilt_train.chosen_curriculum(a)
     if a.quick:
-        curriculum = tuple(replace(st, steps=2, n_examples=16) for st in curriculum)
-        a.batch, a.n_eval, a.hidden, a.vision_layers, a.text_layers, a.eval_every = 8, 16, 32, 1, 2, 0
+        a.vision_layers, a.text_layers = 1, 2
     return train(a.out, curriculum, a.n_eval, a.batch, a.lr, a.hidden, a.vision_layers, a.text_layers,
                  a.heads, a.seed, a.threads, a.eval_every)
 

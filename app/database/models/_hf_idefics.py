@@ -28,7 +28,8 @@ import re
 import numpy as np
 import torch
 
-from app.database.models.hf import HfAdapter, ImageLayout, pixels_to_image
+from app.database.models.hf import HfAdapter, ImageLayout
+from app.database.models.vl_model import pixels_to_image
 
 __all__ = ["Idefics3Adapter", "idefics3_image_layout", "idefics3_seen_image"]
 

@@ -20,7 +20,8 @@ import torch
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-from app.database.models.hf import HfAdapter, ImageLayout, pixels_to_image
+from app.database.models.hf import HfAdapter, ImageLayout
+from app.database.models.vl_model import pixels_to_image
 
 
 def _placeholders(inputs, model) -> np.ndarray:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from app.database.models.hf import HfAdapter, ImageLayout, pixels_to_image
+from app.database.models.hf import HfAdapter, ImageLayout
+from app.database.models.vl_model import pixels_to_image
 
 __all__ = ["Qwen2VLAdapter", "Qwen25VLAdapter", "qwen_image_layout", "qwen_seen_image"]
 

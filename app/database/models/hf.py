@@ -135,18 +135,6 @@ class HfAdapter:
         return grown
 
 
-def pixels_to_image(pixel_values: torch.Tensor, image_processor) -> np.ndarray:
-    """A processor's (3, H, W) ``pixel_values`` back to (H, W, 3) uint8 RGB: the image the model saw."""
-    pixels = pixel_values.detach().float().cpu().numpy()
-    if getattr(image_processor, "do_normalize", False):
-        mean = np.asarray(image_processor.image_mean, dtype=np.float32).reshape(-1, 1, 1)
-        std = np.asarray(image_processor.image_std, dtype=np.float32).reshape(-1, 1, 1)
-        pixels = pixels * std + mean
-    if getattr(image_processor, "do_rescale", False):
-        pixels = pixels / image_processor.rescale_factor
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
-
-
 def _stacked(per_layer) -> np.ndarray:
     """float32 (layers, ...) of a model's per-layer (1, ...) tensors, copied to the CPU one layer at a
     time (a long LLaVA-NeXT prompt has gigabytes of attention)."""

@@ -47,7 +47,7 @@ from transformers import (
 )
 
 from app.database.analysis import gradient_relevancy
-from app.database.models.vl_model import VL_Model, same_answer
+from app.database.models.vl_model import VL_Model, pixels_to_image, same_answer
 
 HEADS = {
     "ViltForQuestionAnswering": ViltForQuestionAnswering,
@@ -253,17 +253,9 @@ class Vilt(VL_Model):
 
     def _seen_image(self, inputs, rows: int, cols: int) -> np.ndarray:
         """The processor's output, de-normalised to 0-255 RGB and cut to the patch grid."""
-        ip = self.processor.image_processor
-        pixels = inputs["pixel_values"][0].float().cpu().numpy()  # (3, H, W)
-        if getattr(ip, "do_normalize", False):
-            mean = np.asarray(ip.image_mean, dtype=np.float32).reshape(-1, 1, 1)
-            std = np.asarray(ip.image_std, dtype=np.float32).reshape(-1, 1, 1)
-            pixels = pixels * std + mean
-        if getattr(ip, "do_rescale", False):
-            pixels = pixels / ip.rescale_factor
         ph, pw = self.vilt.embeddings.patch_embeddings.projection.weight.shape[-2:]
-        pixels = pixels[:, : rows * ph, : cols * pw]
-        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
+        seen = pixels_to_image(inputs["pixel_values"][0], self.processor.image_processor)
+        return np.ascontiguousarray(seen[: rows * ph, : cols * pw])
 
     def _relevancy(self, out) -> np.ndarray:
         """Chefer et al.'s gradient relevancy (n, n), in the model's token order, of the score the

@@ -51,6 +51,18 @@ def load_image(path) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
+def pixels_to_image(pixel_values, image_processor) -> np.ndarray:
+    """A processor's (3, H, W) ``pixel_values`` back to (H, W, 3) uint8 RGB: the image the model saw."""
+    pixels = pixel_values.detach().float().cpu().numpy()
+    if getattr(image_processor, "do_normalize", False):
+        mean = np.asarray(image_processor.image_mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(image_processor.image_std, dtype=np.float32).reshape(-1, 1, 1)
+        pixels = pixels * std + mean
+    if getattr(image_processor, "do_rescale", False):
+        pixels = pixels / image_processor.rescale_factor
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0).copy()
+
+
 class VL_Model(abc.ABC):  # noqa: N801 - the name users' existing classes subclass
     """A vision-language model that can be run live on new (image, text) pairs."""
 
