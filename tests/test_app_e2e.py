@@ -320,3 +320,27 @@ def test_decoder_example_in_the_browser(dash_duo, tmp_path, monkeypatch):
                what="the second grid's overlay")
     assert graph_js(dash_duo, ids.IMAGE_GRAPH, "return gd._fullData[0].x0;") == 24 + 4
     assert dash_duo.get_logs() == []
+
+
+def test_attention_csv_download_holds_the_database_numbers(dash_duo, small_db):
+    """Select a text token, press CSV: the file the browser saves has, for every token, the weight the
+    database gives (the layer mean of the last layer, the head summary's default selection)."""
+    import csv
+    import os
+
+    dash_duo.start_server(create_app(small_db))
+    dash_duo.wait_for_element(token_css(3), timeout=10).click()
+    wait_until(lambda: overlay_z(dash_duo) is not None and np.isfinite(overlay_z(dash_duo)).any(),
+               what="the overlay of token 3")
+    dash_duo.find_element("#" + ids.EXPORT_ATTENTION).click()
+    path = os.path.join(dash_duo.download_path, "vl-interpret-example-0-attention.csv")
+    wait_until(lambda: os.path.exists(path) and os.path.getsize(path) > 0, what="the downloaded CSV")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("# example 0: attention from")
+    rows = list(csv.DictReader(lines[1:]))
+    expected = small_db.attention(0, N_LAYERS - 1, None, [3])
+    assert [int(r["token"]) for r in rows] == list(range(len(expected)))
+    np.testing.assert_allclose([float(r["attention"]) for r in rows], expected, rtol=1e-6)
+    info = small_db.example(0)
+    assert [r["kind"] for r in rows] == ["special" if info.special[i] else info.modality(i) for i in range(len(rows))]
