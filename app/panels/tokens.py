@@ -267,11 +267,15 @@ def register_callbacks(app, ctx):
                   Output(ids.GRID_SWITCH, "options"), Output(ids.GRID_SWITCH, "value"),
                   Output(ids.GRID_SWITCH_WRAP, "style"),
                   Input(ids.EXAMPLE_SELECT, "value"),
-                  State(ids.OPACITY, "value"), State(ids.SMOOTH, "value"), prevent_initial_call=True)
-    def show_example(ex_id, opacity, smooth):
+                  State(ids.OPACITY, "value"), State(ids.SMOOTH, "value"), State(ids.GRID_SWITCH, "value"),
+                  prevent_initial_call=True)
+    def show_example(ex_id, opacity, smooth, grid_value):
         example_info(db, ex_id)
         shown = _opacity(opacity)
-        return example_view(db, ex_id, DEFAULT_OPACITY if shown is None else shown, smooth)
+        view = example_view(db, ex_id, DEFAULT_OPACITY if shown is None else shown, smooth)
+        # The switch goes back to the first grid only when it showed another: setting its value fires
+        # switch_grid, which would draw this example's image a second time.
+        return *view[:5], view[5] if grid_value != view[5] else no_update, view[6]
 
     app.clientside_callback(ClientsideFunction("vli", "tokenClick"), Output(ids.TOKEN_CLICK, "data"),
                             Input({"type": ids.TOKEN, "index": ALL}, "n_clicks"), prevent_initial_call=True)
