@@ -164,6 +164,14 @@ def evaluate(model, data, qtypes: list[str], batch: int = 256) -> dict[str, floa
     return out
 
 
+def optimise(model, opt, loss) -> None:
+    """One optimiser step on ``loss``, gradients clipped to norm 1 (both shapes models train so)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -241,18 +249,15 @@ def train(out: Path, curriculum=CURRICULUM, n_eval: int = 1000, batch: int = 64,
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, lr, warmup)
             loss = torch.nn.functional.cross_entropy(forward(model, data, idx).logits, data["labels"][idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimise(model, opt, loss)
             step += 1
             bar.update()
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if eval_every and step % eval_every == 0 and step < total:
-                tqdm.write(f"step {step}: {_format(evaluate(model, eval_data, eval_types))}")
+                tqdm.write(f"step {step}: {format_accuracy(evaluate(model, eval_data, eval_types))}")
         acc = evaluate(model, eval_data, eval_types)
-        tqdm.write(f"end of {st.name!r} (step {step}): {_format(acc)}")
+        tqdm.write(f"end of {st.name!r} (step {step}): {format_accuracy(acc)}")
         stages_report.append({"stage": st.name, "qtypes": list(st.qtypes), "directions": list(st.directions),
                               "steps": st.steps, "n_examples": st.n_examples, "accuracy": acc})
         del data
@@ -260,7 +265,7 @@ def train(out: Path, curriculum=CURRICULUM, n_eval: int = 1000, batch: int = 64,
     train_s = time.time() - t0 - render_s
     print(f"rendered {sum(st.n_examples for st in curriculum)} + {n_eval} examples in {render_s:.0f} s",
           flush=True)
-    print(f"held-out accuracy ({n_eval} examples): {_format(acc)}", flush=True)
+    print(f"held-out accuracy ({n_eval} examples): {format_accuracy(acc)}", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -275,7 +280,7 @@ def train(out: Path, curriculum=CURRICULUM, n_eval: int = 1000, batch: int = 64,
     return report
 
 
-def _format(acc: dict) -> str:
+def format_accuracy(acc: dict) -> str:
     return " ".join(f"{k} {v:.3f}" for k, v in acc.items())
 
 

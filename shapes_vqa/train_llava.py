@@ -51,7 +51,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 MAX_NEW_TOKENS = 4  # answers are one word; room to see whether the model stops
-TRAIN_SEED, EVAL_SEED = 0, 1  # make_heldout uses a third seed
+TRAIN_SEED, EVAL_SEED = vilt_train.TRAIN_SEED, vilt_train.EVAL_SEED  # the ViLT's seeds
 CURRICULUM = vilt_train.CURRICULUM
 INPUT_HINT = ("scenes like those in shapes_vqa/heldout/ (96×96, one to four coloured shapes on a dark noisy "
               "background); questions as in shapes_vqa/heldout/pairs.jsonl")
@@ -237,24 +237,22 @@ def train(out: Path, curriculum=CURRICULUM, n_eval: int = 1000, batch: int = 64,
             loss = model(input_ids=data["input_ids"][idx, :width], attention_mask=data["attention_mask"][idx, :width],
                          pixel_values=vilt_train.pixel_values(data["images"][idx]),
                          labels=data["labels"][idx, :width]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            vilt_train.optimise(model, opt, loss)
             step += 1
             bar.update()
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if eval_every and step % eval_every == 0 and step < total:
-                tqdm.write(f"step {step}: {_format(evaluate(model, processor, eval_data, eval_ex))}")
+                accuracy = evaluate(model, processor, eval_data, eval_ex)
+                tqdm.write(f"step {step}: {vilt_train.format_accuracy(accuracy)}")
         acc = evaluate(model, processor, eval_data, eval_ex)
-        tqdm.write(f"end of {st.name!r} (step {step}): {_format(acc)}")
+        tqdm.write(f"end of {st.name!r} (step {step}): {vilt_train.format_accuracy(acc)}")
         stages_report.append({"stage": st.name, "qtypes": list(st.qtypes), "directions": list(st.directions),
                               "steps": st.steps, "n_examples": st.n_examples, "accuracy": acc})
         del data
     bar.close()
     wall_s, cpu_s = time.time() - t0, time.process_time() - cpu0
-    print(f"held-out accuracy ({n_eval} examples): {_format(acc)}", flush=True)
+    print(f"held-out accuracy ({n_eval} examples): {vilt_train.format_accuracy(acc)}", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -267,10 +265,6 @@ def train(out: Path, curriculum=CURRICULUM, n_eval: int = 1000, batch: int = 64,
     (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"saved to {out} (wall {wall_s:.0f} s, CPU {cpu_s:.0f} s)", flush=True)
     return report
-
-
-def _format(acc: dict) -> str:
-    return " ".join(f"{k} {v:.3f}" for k, v in acc.items())
 
 
 def main(argv=None) -> dict:
