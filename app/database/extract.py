@@ -34,11 +34,14 @@ file, else the id after every pairs file it remembers, 0 for a new ``OUT``) and 
 ``--device cuda`` puts each rank on ``cuda:LOCAL_RANK``.
 
 torchrun rather than accelerate: torchrun ships with torch (nothing to install or configure), and each
-rank only needs its rank, its world size and two small collectives (gloo, on CPU, whatever the model's
-device), not accelerate's model wrapping, mixed precision or data loaders. The process group exists
-because (1) the ranks of several machines share no file system, so ``first_id`` is broadcast from
-rank 0, and (2) torchrun stops every rank as soon as one exits non-zero, so a rank that had a bad
-line waits for the others (an all-reduce of the counts, which rank 0 prints) before exiting 1.
+rank only needs its rank, its world size and two small exchanges, not accelerate's model wrapping,
+mixed precision or data loaders. The exchanges go through torchrun's own key-value store (the
+``env://`` rendezvous store), not a process group: (1) the ranks of several machines share no file
+system, so rank 0 puts ``first_id`` there for the others, and (2) torchrun stops every rank as soon as
+one exits non-zero, so every rank puts its counts there and waits for all of them (rank 0 prints the
+totals) before exiting. A gloo process group would do the same with collectives, but its worker
+threads sometimes abort the process at exit ("terminate called without an active exception") after
+all the work is done, which torchrun reports as a failed run.
 
 No ``--batch-size`` and no ``--dtype``: the model API (``VL_Model.data_setup``) runs one pair at a
 time, and batching ViLT pads text and images to a common size, which changes the floating-point
@@ -61,9 +64,9 @@ from app.database.models import ModelLoadError, load_model, run_data_setup
 
 RUNS_FILE = "extract_runs.json"
 SHARD_NAME = "shard-{rank:05d}-of-{world:05d}"
-# The last collective waits for the slowest rank: as long as an extraction may take.
-COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
-REFUSED = -1  # the first_id rank 0 broadcasts when it refuses the run (its message says why)
+# The last exchange waits for the slowest rank: as long as an extraction may take.
+EXCHANGE_TIMEOUT = datetime.timedelta(days=7)
+REFUSED = -1  # the first_id rank 0 hands out when it refuses the run (its message says why)
 
 
 class PairError(ValueError):
@@ -287,43 +290,44 @@ def main(argv=None, prog: str = "python -m app.database.extract") -> int:
         return 2
     if launch is None:
         return _extract_into(args, args.out, args.first_id, None)[0]
+    return _run_rank(args, launch, _rank_store())
+
+
+def _rank_store():
+    """torchrun's key-value store (the agent's, or rank 0's outside torchrun's agent), under a prefix of
+    this attempt: keys from an attempt torchrun restarted are not this one's."""
     import torch.distributed as dist  # noqa: PLC0415 - only under torchrun
 
-    dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)  # env:// from torchrun's MASTER_ADDR/PORT
-    try:
-        return _run_rank(args, launch)
-    finally:
-        dist.destroy_process_group()
+    store, _rank, _world = next(dist.rendezvous("env://", timeout=EXCHANGE_TIMEOUT))
+    return dist.PrefixStore(f"vl-interpret-extract/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def _run_rank(args, launch: Launch) -> int:
+def _run_rank(args, launch: Launch, store) -> int:
     """One torchrun rank: agree on first_id, extract this rank's lines into its shard, then wait for
-    every rank and (rank 0) print the totals (see the module docstring for why)."""
-    import torch  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
-
-    first_id = REFUSED
+    every rank's counts and (rank 0) print the totals (see the module docstring for why)."""
     if launch.rank == 0:
+        first_id = REFUSED
         try:
             with open(args.pairs, encoding="utf-8") as f:
                 n_lines = len(f.read().splitlines())
             first_id = sharded_first_id(args.pairs, args.out, args.first_id, n_lines)
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
-    agreed = torch.tensor([first_id], dtype=torch.int64)
-    dist.broadcast(agreed, src=0)
-    if int(agreed) == REFUSED:
+        store.set("first_id", str(first_id))
+    first_id = int(store.get("first_id"))  # waits for rank 0
+    if first_id == REFUSED:
         if launch.rank != 0:
             print(f"rank {launch.rank}: rank 0 refused the run (see its message)", file=sys.stderr)
         return 2
-    rc, report = _extract_into(args, launch.shard(args.out), int(agreed), launch)
+    rc, report = _extract_into(args, launch.shard(args.out), first_id, launch)
     if rc == 130:
         return rc  # Ctrl-C reaches every rank: none waits for the others
-    counts = torch.tensor([0, 0, 0, 1] if report is None else
-                          [len(report.added), len(report.skipped), len(report.failed), 0], dtype=torch.int64)
-    dist.all_reduce(counts)  # waits for every rank: torchrun stops the others when one exits non-zero
+    counts = [0, 0, 0, 1] if report is None else [len(report.added), len(report.skipped), len(report.failed), 0]
+    store.set(f"counts/{launch.rank}", json.dumps(counts))
+    keys = [f"counts/{rank}" for rank in range(launch.world)]
+    store.wait(keys)  # torchrun stops the others when one exits non-zero
     if launch.rank == 0:
-        added, skipped, failed, not_run = (int(c) for c in counts)
+        added, skipped, failed, not_run = (sum(c) for c in zip(*(json.loads(store.get(k)) for k in keys)))
         line = f"all {launch.world} ranks: {added} added, {skipped} already in the shards, {failed} failed"
         if not_run:
             line += f"; {not_run} rank(s) could not run (see their messages)"
