@@ -4,6 +4,7 @@
     vl-interpret extract -m NAME PARAM ... --pairs FILE --out DB     # as python -m app.database.extract ...
     vl-interpret upgrade DB [DB ...]                                 # as python -m app.database.upgrade ...
     vl-interpret merge DB [DB ...] --into DB [--renumber]            # as python -m app.database.merge ...
+    vl-interpret token-map DB [--layers ...] [--max-tokens N]       # as python -m app.database.token_map ...
 
 Each form hands its arguments, unchanged, to the ``main(argv)`` of the module it names, so the command
 and the scripts of a checkout never drift apart. The bundled databases are not in the package: a
@@ -24,13 +25,14 @@ SUBCOMMANDS = {  # name: (module whose main(argv) runs it, what it does)
                                         "into a database"),
     "upgrade": ("app.database.upgrade", "upgrade a database written by an older VL-InterpreT, in place"),
     "merge": ("app.database.merge", "merge databases (the shards of a torchrun extraction) into one"),
+    "token-map": ("app.database.token_map", "fit the database-wide token maps ahead of time"),
 }
 BUNDLED_DATABASES = ("example_database1", "example_database2")
 
 
 def subcommands_help() -> str:
     lines = [f"other commands (`{PROG} COMMAND --help` for their options):"]
-    lines += [f"  {PROG} {name:<8} {what}" for name, (_module, what) in SUBCOMMANDS.items()]
+    lines += [f"  {PROG} {name:<9} {what}" for name, (_module, what) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from app.database.database import VliLmdb
+from app.database.token_map import DEFAULT_MAX_TOKENS
 
 
 @dataclass
@@ -11,3 +12,4 @@ class AppContext:
     model: Optional[Any] = None  # a VL_Model, when the app was started with -m
     allow_paths: bool = False  # may the page name server files or URLs for "Add example"
     jobs: Any = field(default=None)  # app.jobs.JobRunner when a model is loaded
+    map_tokens: int = DEFAULT_MAX_TOKENS  # tokens sampled for the database-wide token map

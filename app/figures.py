@@ -590,3 +590,71 @@ def activation_patching_figure(difference: np.ndarray, columns: Sequence[str],
         yaxis=dict(type="category", autorange="reversed", showgrid=False),
         margin=dict(l=60, r=10, t=32, b=90), hovermode="closest")
     return figure(data, layout)
+
+
+# ----------------------------------------------------------------------------- database-wide token map
+
+TOKEN_MAP_COLOURINGS = ("modality", "word", "correctness", "example")
+TOKEN_MAP_WORDS = 10  # colour by word: the most frequent text words get a colour each, the others one
+WORD_PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#d62728",
+                "#393b79", "#637939")
+CORRECTNESS_COLOURS = (("correct", 1, "#15803d"), ("incorrect", 0, "#b91c1c"), ("unknown", -1, SPECIAL_COLOR))
+
+
+def token_map_groups(words: np.ndarray, modality: np.ndarray, correct: np.ndarray, colour_by: str) -> list:
+    """The legend groups of a token map: ``(name, point mask, colour)``, empty groups left out
+    (``modality``: 0 text, 1 image, 2 special, as in app.database.token_map.MODALITIES)."""
+    text, image, special = (modality == 0), (modality == 1), (modality == 2)
+    if colour_by == "modality":
+        groups = [("text", text, TEXT_COLOR), ("image", image, IMAGE_COLOR), ("special", special, SPECIAL_COLOR)]
+    elif colour_by == "word":
+        counts: dict = {}
+        for w in words[text].tolist():
+            counts[w] = counts.get(w, 0) + 1
+        top = sorted(counts, key=lambda w: (-counts[w], w))[:TOKEN_MAP_WORDS]
+        groups = [(f"‘{w}’", text & (words == w), colour) for w, colour in zip(top, WORD_PALETTE)]
+        groups += [("other words", text & ~np.isin(words, top), "#9ecae1"), ("image", image, "#fdd0a2"),
+                   ("special", special, SPECIAL_COLOR)]
+    elif colour_by == "correctness":
+        groups = [(f"{name} answer", correct == value, colour) for name, value, colour in CORRECTNESS_COLOURS]
+    else:
+        raise ValueError(f"colour_by: one of {TOKEN_MAP_COLOURINGS}, got {colour_by!r}")
+    return [g for g in groups if g[1].any()]
+
+
+def token_map_figure(points: np.ndarray, ex_ids: np.ndarray, tokens: np.ndarray, words: np.ndarray,
+                     modality: np.ndarray, cells: np.ndarray, correct: np.ndarray, colour_by: str, title: str,
+                     shown_example: Optional[int] = None) -> go.Figure:
+    """WebGL scatter of a database-wide token map (Scattergl: 20 000 points stay smooth). One trace per
+    legend group (a legend click hides it), or one coloured by example id; the tokens of
+    ``shown_example`` ringed in a last trace. ``customdata`` is the point's index in the map (a click
+    opens that token's example); hover names the token and its example."""
+    pts = np.asarray(points, dtype=np.float32)
+    labels = np.asarray(token_labels(words.tolist(), [None if c[0] < 0 else tuple(c) for c in cells.tolist()]))
+    data = []
+
+    def trace(name, sel, marker, legend=True):
+        return dict(type="scattergl", mode="markers", name=name, x=typed_array(pts[sel, 0]), y=typed_array(pts[sel, 1]),
+                    customdata=sel.tolist(), text=[f"{labels[k]} · example {ex_ids[k]}, token {tokens[k]}"
+                                                   for k in sel.tolist()],
+                    hovertemplate="%{text}<extra></extra>", marker=marker, showlegend=legend)
+
+    if colour_by == "example":
+        sel = np.arange(len(pts))
+        data.append(trace("tokens", sel, dict(size=4, opacity=0.8, color=typed_array(ex_ids, np.float32),
+                                              colorscale="Viridis", showscale=True,
+                                              colorbar=dict(title=dict(text="example", side="right"), thickness=10)),
+                          legend=False))
+    else:
+        for name, mask, colour in token_map_groups(words, modality, correct, colour_by):
+            data.append(trace(name, np.flatnonzero(mask), dict(size=4, opacity=0.75, color=colour)))
+    shown = np.flatnonzero(ex_ids == shown_example) if shown_example is not None else np.zeros(0, int)
+    data.append(trace(f"example {shown_example}" if shown_example is not None else "shown example", shown,
+                      dict(symbol="circle-open", size=9, color=SELECT_COLOR, line=dict(width=1.5)),
+                      legend=bool(len(shown))))
+    layout = _layout(
+        title=dict(text=title, x=0.01, y=0.98, font=dict(size=13)),
+        xaxis=dict(visible=False), yaxis=dict(visible=False),
+        legend=dict(orientation="v", x=1.0, y=1.0, font=dict(size=11), itemsizing="constant"),
+        margin=dict(l=4, r=4, t=30, b=4), clickmode="event", hovermode="closest", uirevision="token-map")
+    return figure(data, layout)

@@ -127,3 +127,13 @@ URL = "url"  # dcc.Location: its search holds the view's state, one history entr
 COPY_LINK = "copy-link"  # dcc.Clipboard: copies the page's address, which reopens this view
 LINK_SHOWN = "link-shown"  # store: the search the page shows (written or restored), "" on opening
 LINK_REQUEST = "link-request"  # store: a search to restore (a link opened, or back / forward)
+
+# Token map panel (the whole database in one map of a layer's hidden states)
+TOKEN_MAP_OPEN = "token-map-open"  # button: show the map (fitting it first if needed)
+TOKEN_MAP_LAYER = "token-map-layer"  # the hidden-state layer mapped (0 = embeddings)
+TOKEN_MAP_COLOUR = "token-map-colour"  # colour by: modality, word, correctness or example
+TOKEN_MAP_GRAPH = "token-map-graph"
+TOKEN_MAP_STATUS = "token-map-status"  # what is being fitted, or why it failed
+TOKEN_MAP_PROGRESS = "token-map-progress"  # the fit's progress bar
+TOKEN_MAP_POLL = "token-map-poll"  # interval polling a fit in the background
+TOKEN_MAP_DRAWN = "token-map-drawn"  # store: {"layer", "key", "ring"} of the map drawn

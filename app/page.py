@@ -1,5 +1,5 @@
-"""The page: the header, the three columns of panels and, under them, the full-width dataset panel,
-built from the panels' layouts."""
+"""The page: the header, the three columns of panels and, under them, the full-width dataset and
+token map panels, built from the panels' layouts."""
 from __future__ import annotations
 
 from dash import html
@@ -7,7 +7,7 @@ from dash import html
 from app import ids
 from app.context import AppContext
 from app.database.database import CorruptValueError
-from app.panels import dataset, example, heads, hidden, interventions, links, tokens
+from app.panels import dataset, example, heads, hidden, interventions, links, token_map, tokens
 from app.panels.common import error_banner
 
 TITLE = "VL-InterpreT"
@@ -41,7 +41,8 @@ def _page(ctx: AppContext, add_panel, ex_ids: list, first, drawn: bool, damaged:
                       html.Div(tokens.layout(ctx, first), className="col col-mid"),
                       html.Div(hidden.layout(ctx, first), className="col col-right")], className="grid")
     # The dataset panel leaves out damaged examples itself, so it is drawn even when the first one is.
-    return html.Div([header, error_banner(damaged), grid, dataset.layout(ctx, drawn)], className="app")
+    return html.Div([header, error_banner(damaged), grid, dataset.layout(ctx, drawn), token_map.layout(ctx)],
+                    className="app")
 
 
 def example_count_text(db, n_examples: int) -> str:

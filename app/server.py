@@ -9,7 +9,9 @@ for WSGI servers; gunicorn calls it as an application factory::
 
 (each worker opens the database after the fork). With a live model every worker loads its own copy
 of the model; an "Add example" job runs in the worker that took the request, and its state is a file
-in ``DB/jobs/`` (app.jobs.JobBoard), so whichever worker answers the page's poll reports it.
+in ``DB/jobs/`` (app.jobs.JobBoard), so whichever worker answers the page's poll reports it. The
+database-wide token map is fitted by the worker that is asked first and kept in ``DB/token_maps/``
+for the others (fit them ahead with ``python -m app.database.token_map DB`` when serving many users).
 
 ``run_app.py`` (:func:`main`) binds the port before loading the model, so that a busy port is
 reported at once, and says it runs only once it listens. A live model whose layers, heads or hidden
@@ -33,8 +35,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from app import ids, page
 from app.context import AppContext
 from app.database.database import CorruptValueError, DatabaseError, VliLmdb
+from app.database.token_map import DEFAULT_MAX_TOKENS
 from app.jobs import BOUNDED_LOG_RECORDS, shorten
-from app.panels import add_example, dataset, example, heads, hidden, interventions, links, tokens
+from app.panels import add_example, dataset, example, heads, hidden, interventions, links, token_map, tokens
 from app.panels.add_example import MAX_BYTES, MAX_REQUEST_BYTES, format_size
 from app.panels.common import error_style
 
@@ -71,16 +74,17 @@ def open_database(path, writable: bool = False) -> VliLmdb:
     return VliLmdb(path, read_only=False)
 
 
-def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
+def create_app(db, model=None, allow_paths: bool = False, map_tokens: int = DEFAULT_MAX_TOKENS) -> dash.Dash:
     """Build the Dash app on ``db`` (a VliLmdb or a database directory). With a live ``model`` the
-    database must be writable ("Add example"); a read-only one is reopened for writing."""
+    database must be writable ("Add example"); a read-only one is reopened for writing. ``map_tokens``:
+    how many tokens the database-wide token map samples."""
     if not isinstance(db, VliLmdb):
         db = open_database(db, writable=model is not None)
     elif model is not None and db.read_only:
         path = db.path
         db.close()
         db = open_database(path, writable=True)
-    ctx = AppContext(db=db, model=model, allow_paths=allow_paths)
+    ctx = AppContext(db=db, model=model, allow_paths=allow_paths, map_tokens=map_tokens)
     add_panel = add_example if model is not None else None
     app = _VliDash(db, name=__name__, title=page.TITLE, assets_folder=ASSETS, update_title=None,
                    suppress_callback_exceptions=False, on_error=show_damaged_example)
@@ -90,7 +94,7 @@ def create_app(db, model=None, allow_paths: bool = False) -> dash.Dash:
     # (~400 kB for a large example), so give it the same components without an example drawn.
     app.validation_layout = page.page_layout(ctx, add_panel, drawn=False)
     app.layout = lambda: page.page_layout(ctx, add_panel)  # per page load: new examples show after a reload
-    for panel in (example, heads, tokens, hidden, dataset):
+    for panel in (example, heads, tokens, hidden, dataset, token_map):
         panel.register_callbacks(app, ctx)
     links.register_callbacks(app, ctx)
     if add_panel is not None:
@@ -184,9 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameters, e.g. -m vilt shapes_vqa/vilt-shapes")
     p.add_argument("--allow-paths", action="store_true",
                    help="let the page name files on this server or URLs as images for new examples")
+    p.add_argument("--map-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                   help=f"tokens sampled for the database-wide token map (default {DEFAULT_MAX_TOKENS:,}; "
+                        f"python -m app.database.token_map fits its maps ahead of time)")
     p.add_argument("--debug", action="store_true",
                    help="Dash debug mode (dev tools, Werkzeug's debugger, reloading off); loopback hosts only")
     return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text[:20]!r}")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -297,7 +315,7 @@ def _run(args, db: VliLmdb, listener: socket.socket, local: bool) -> int:
             db = open_database(args.database, writable=True)
         except Exception as e:
             return _fail(f"cannot open {args.database} for writing (needed to add examples): {e}".splitlines()[0])
-    app = create_app(db, model=model, allow_paths=args.allow_paths)
+    app = create_app(db, model=model, allow_paths=args.allow_paths, map_tokens=args.map_tokens)
     wsgi = app.server
     if app.enable_dev_tools(debug=args.debug, dev_tools_hot_reload=False):
         from werkzeug.debug import DebuggedApplication
