@@ -6,14 +6,19 @@ For each N a database of N examples of a smaller shape (4 layers x 4 heads, 250 
 bench/make_db.py, t-SNE replaced by PCA unless --real-tsne: the maps' values do not change what
 the app costs) is built, then the real server (run_app.py) is started and measured:
 start-up (process start to the first 200 on GET /), resident memory (psutil RSS) after visiting
-min(N, 100) examples, the interaction cascades (bench/interactions.py's replay), and the
-nearest-token search (``db.nearest_other_modality`` called directly, median / p95 ms).
---quick uses N = 20, 100, 200 and 5 repetitions.
+min(N, 100) examples, the interaction cascades (bench/interactions.py's replay), the
+nearest-token search (``db.nearest_other_modality`` called directly, median / p95 ms), and the
+database-wide token map of the last layer (app.database.token_map, --map-tokens tokens, default
+20 000): its fit time and the fitting process's peak memory, in a fresh process.
+--quick uses N = 20, 100, 200 and 5 repetitions. The dataset panel's views at N = 2 000 are
+bench/dataset.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -53,12 +58,34 @@ def nearest_cost(path: str, queries: int = 40, seed: int = 0) -> tuple[float, fl
         db.close()
 
 
-def one_size(n: int, reps: int, real_tsne: bool, keep: str = "") -> dict:
+FIT_SCRIPT = """
+import json, resource, sys, time
+from app.database.database import VliLmdb
+from app.database.token_map import fit_token_map
+db = VliLmdb(sys.argv[1])
+t = time.perf_counter()
+token_map = fit_token_map(db, db.n_layers, int(sys.argv[2]))
+print(json.dumps({"fit_s": time.perf_counter() - t, "tokens": len(token_map),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def token_map_cost(path: str, max_tokens: int) -> dict:
+    """Fit time (s), peak resident memory (MB) and size of the last layer's token map, in a fresh process
+    (what the page's first request for the map costs; openTSNE uses every core)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", FIT_SCRIPT, path, str(max_tokens)], cwd=root, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def one_size(n: int, reps: int, real_tsne: bool, keep: str = "", map_tokens: int = 20_000) -> dict:
     path = keep or scratch_dir(f"vli-bench-scale-{n}-")
     t0 = time.perf_counter()
     built = build(path, n, chunk=64, fast_tsne=not real_tsne, quiet=True, **SHAPE)
     row = {"n": n, "build_s": time.perf_counter() - t0, "disk_mb_per_ex": built["disk_mb"] / n}
     row["nn_med"], row["nn_p95"] = nearest_cost(path)
+    row["map"] = token_map_cost(path, map_tokens)
     shape = db_shape(path)
     server = start_server(path)
     try:
@@ -83,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--real-tsne", action="store_true", help="real t-SNE maps (much slower to build)")
     p.add_argument("--quick", action="store_true", help="N = 20, 100, 200 and 5 repetitions")
+    p.add_argument("--map-tokens", type=int, default=20_000, help="tokens of the token map (default 20 000)")
     args = p.parse_args(argv)
     sizes, reps = ([20, 100, 200], 5) if args.quick else (args.sizes, args.reps)
     print(f"machine: {machine()}")
@@ -90,7 +118,7 @@ def main(argv=None) -> int:
           f"{'' if args.real_tsne else ' (PCA maps)'}; {reps} repetitions per interaction")
     rows = []
     for n in sizes:
-        row = one_size(n, reps, args.real_tsne)
+        row = one_size(n, reps, args.real_tsne, map_tokens=args.map_tokens)
         rows.append(row)
         print(f"N={n}: built in {row['build_s']:.0f} s, {row['disk_mb_per_ex']:.2f} MB/example", flush=True)
     print(f"\n{'N':>6s} {'start s':>8s} {'RSS MB':>7s} {'RSS100':>7s} {'RSSend':>7s} {'own':>5s} {'own100':>6s} {'nn med':>7s} {'nn p95':>7s}  "
@@ -104,6 +132,9 @@ def main(argv=None) -> int:
     print("(latencies: median/p95 ms of the whole cascade; RSS100 after visiting min(N, 100) examples; "
           "own: the server's own memory (RssAnon), without the mapped database pages; "
           "nn: nearest_other_modality ms)")
+    print(f"\n{'N':>6s} {'map tokens':>10s} {'fit s':>7s} {'peak MB':>8s}   (token map of the last layer)")
+    for r in rows:
+        print(f"{r['n']:6d} {r['map']['tokens']:10d} {r['map']['fit_s']:7.1f} {r['map']['peak_mb']:8.0f}")
     return 0
 
 

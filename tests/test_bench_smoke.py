@@ -1,4 +1,4 @@
-"""Smoke test of the benchmarks: make_db and interactions run end to end on tiny shapes (no timings
+"""Smoke test of the benchmarks: make_db, interactions and the token map fit run end to end on tiny shapes (no timings
 asserted; the benchmarks only print figures)."""
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ def test_make_db_and_interactions_quick(tmp_path):
                  "hover a t-SNE point", "open the attention matrix"):
         assert name in out.stdout, out.stdout
     assert "ERRORS" not in out.stdout, out.stdout
+
+    sys.path.insert(0, ROOT)
+    from bench.scale import token_map_cost  # noqa: PLC0415
+
+    cost = token_map_cost(db, max_tokens=20)  # the figures bench/scale.py prints for the token map
+    assert cost["tokens"] == 20 and cost["fit_s"] > 0 and cost["peak_mb"] > 0
 
 
 def test_faithfulness_quick_ranks_every_map_above_a_random_order():
