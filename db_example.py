@@ -4,8 +4,9 @@
 
 Creates four examples (450x800 images, 12 layers, 12 heads, hidden size 768) in ``example_database1/``
 and preprocesses them: three in the original layout (text first, then a 2x3 grid of image patches) and
-one as a decoder VLM writes it (image tokens inside the prompt, two patch grids, a generated answer).  Run the app on
-it with ``python run_app.py -d example_database1``.  The database is re-created from scratch.
+one as a decoder VLM writes it (image tokens inside the prompt, two patch grids, a generated answer, a
+per-patch logit lens).  Run the app on it with ``python run_app.py -d example_database1``.  The database
+is re-created from scratch.
 """
 import argparse
 import os
@@ -104,9 +105,25 @@ def decoder_example(ex_id, rng):
         "special": [t in ("<s>", "</s>") for t in tokens],
         "attention": softmax(logits).astype(np.float32),
         "hidden_states": rng.normal(size=(N_LAYERS + 1, n_tokens, HIDDEN)).astype(np.float32),
+        # optional: the per-patch logit lens, what each image token "says": for every hidden-state layer
+        # (before layer 1, then after each), one [word, probability] per image token in sequence order, the
+        # top word of the model's final norm + LM head applied to that token's hidden state there
+        "patch_lens": patch_lens(len(base) + len(detail), rng),
         "prediction": {"answer": "red", "score": 0.8, "label": "red"},
         "text": "what color is the shape?",
     }
+
+
+def patch_lens(n_image_tokens, rng):
+    """A made-up per-patch logit lens: random words, more probable in later layers (a real one comes from
+    the model, e.g. the ``-m hf`` adapter)."""
+    words = ["red", "blue", "green", "shape", "circle", "square", "the", "image"]
+    lens = []
+    for layer in range(N_LAYERS + 1):
+        confidence = (layer + 1) / (N_LAYERS + 1)
+        probabilities = rng.uniform(0.5, 1.0, n_image_tokens) * confidence
+        lens.append([[words[rng.integers(len(words))], float(p)] for p in probabilities])
+    return lens
 
 
 def main(argv=None):

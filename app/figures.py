@@ -240,14 +240,51 @@ def patch_shapes(selected: Sequence[int], coords: Sequence, grid: tuple[int, int
     return shapes
 
 
+PATCH_WORD_CHARS = 8  # characters of a word drawn on its patch (hover shows it whole)
+
+
+def patch_words_trace(tokens: Sequence[int], words: Sequence[str], probabilities: Sequence[float],
+                      coords: Sequence, grid: tuple[int, int], image_size: tuple[int, int],
+                      box: Optional[Sequence[float]] = None) -> dict:
+    """Words drawn on their patches (the per-patch logit lens of one layer): ``words[i]`` at the centre of
+    the patch of token ``tokens[i]`` on the grid covering ``box`` (tokens whose ``coords`` entry is None,
+    e.g. on another grid, are left out), larger and more opaque the higher ``probabilities[i]``; hover
+    gives the word and its probability. ``customdata`` is the token, so that a click on a word selects
+    its patch as a click on the patch does."""
+    left, top, right, bottom = _grid_box(image_size, box)
+    rows, cols = grid
+    cw, ch = (right - left) / cols, (bottom - top) / rows
+    shown = [(int(t), w, float(p)) for t, w, p in zip(tokens, words, probabilities) if coords[t] is not None]
+    full = max(7.0, min(16.0, min(cw, ch) / 3))  # the font size of a word of probability 1
+    return dict(
+        type="scatter", name="patch words", mode="text", showlegend=False,
+        x=[left + (coords[t][0] + 0.5) * cw for t, _, _ in shown],
+        y=[top + (coords[t][1] + 0.5) * ch for t, _, _ in shown],
+        text=[_short_word(w) for _, w, _ in shown], customdata=[t for t, _, _ in shown],
+        hovertext=[f"patch ({coords[t][0]}, {coords[t][1]}): {w!r}, p = {p:.3f}" for t, w, p in shown],
+        hovertemplate="%{hovertext}<extra></extra>",
+        textfont=dict(size=[full * (0.5 + 0.5 * p) for _, _, p in shown],
+                      color=[f"rgba(255,255,255,{0.35 + 0.65 * p:.3f})" for _, _, p in shown],
+                      shadow="0px 0px 3px #000"))
+
+
+def _short_word(word: str) -> str:
+    """A decoded token as drawn on a patch: without surrounding whitespace, cut to PATCH_WORD_CHARS."""
+    text = word.strip() or repr(word)
+    return text if len(text) <= PATCH_WORD_CHARS else text[:PATCH_WORD_CHARS - 1] + "…"
+
+
 def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
-                 grid: Optional[tuple[int, int]], box: Optional[Sequence[float]] = None) -> go.Figure:
+                 grid: Optional[tuple[int, int]], box: Optional[Sequence[float]] = None,
+                 patch_words: Optional[dict] = None) -> go.Figure:
     """The image (a layout image: sent once per example) with a patch grid over ``box`` (left, top,
     right, bottom pixels; None: the whole image), outlined when it covers part of the image only.
 
     Trace 0: the attention overlay heatmap on the grid (empty until a token is selected; update its
     ``z`` with a Patch); trace 1: invisible markers at the patch centres carrying the token index, so
-    that box/lasso selection works. Axes are image pixels, y pointing down.
+    that box/lasso selection works; trace 2: the grid lines; trace 3, given ``patch_words`` (a
+    :func:`patch_words_trace`, replaced with a Patch when the layer changes): words on the patches.
+    Axes are image pixels, y pointing down.
     """
     h, w = image_size
     data = []
@@ -281,6 +318,8 @@ def image_figure(image_uri: str, image_size: tuple[int, int], coords: Sequence,
             gy += [top + j * ch, top + j * ch, None]
         data.append(dict(type="scatter", name="grid", x=gx, y=gy, mode="lines", hoverinfo="skip",
                          showlegend=False, line=dict(color="rgba(255,255,255,0.35)", width=1)))
+        if patch_words is not None:
+            data.append(patch_words)
     layout = _layout(
         images=[dict(source=image_uri, xref="x", yref="y", x=0, y=0, sizex=w, sizey=h,
                      sizing="stretch", layer="below")],

@@ -50,6 +50,9 @@ GRID_SWITCH_WRAP = "grid-switch-wrap"
 OPACITY = "overlay-opacity"
 SMOOTH = "overlay-smooth"
 CLEAR_SELECTION = "clear-selection"
+PATCH_WORDS = "patch-words"  # checklist: draw the per-patch logit lens's words on the patches
+PATCH_WORDS_LAYER = "patch-words-layer"  # the hidden-state layer of those words (0 = embeddings)
+PATCH_WORDS_WRAP = "patch-words-wrap"  # their controls, shown only for an example with a per-patch lens
 
 # Hidden states (t-SNE) and attention matrix panel.
 VIEW_TABS = "view-tabs"

@@ -10,7 +10,7 @@ gradient. Each is written as ``db[str(ex_id)] = pickle.dumps(record)`` and conve
 ``db.preprocess()`` (in chunks of ``--chunk`` records, so pending raw records never pile up).
 
 Cloning one preprocessed example under new ids would need writes below the public API (the
-sub-databases of store.py), so it is not offered: every example is generated and preprocessed.
+tables of app/database/keys.py), so it is not offered: every example is generated and preprocessed.
 ``--fast-tsne`` replaces the t-SNE stage (in this process only) by the first two principal
 components, for databases whose purpose is the app's scaling, not preprocess timings.
 
@@ -139,9 +139,9 @@ def build(out: str, n: int, *, layers: int = 12, heads: int = 12, text: int = 40
     from app.database.database import VliLmdb
 
     if fast_tsne:
-        import app.database.store as store  # noqa: PLC0415 - in-process stand-in, see the docstring
-        store._tsne_maps = pca_tsne_maps
-        store._tsne_ready = lambda: None  # the kernels are not used
+        import app.database.analyses.tsne_maps as tsne_analysis  # noqa: PLC0415 - in-process stand-in, see the docstring
+        tsne_analysis.tsne_maps = pca_tsne_maps
+        tsne_analysis.tsne_ready = lambda: None  # the kernels are not used
     if os.path.exists(out):
         shutil.rmtree(out)
     gen_s = pre_s = 0.0

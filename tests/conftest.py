@@ -54,11 +54,11 @@ def small_db(tmp_path, monkeypatch):
     stand-in. Opened read-only."""
     from helpers import fake_tsne_maps, make_db, make_record
 
-    import app.database.store as store
+    import app.database.analyses.tsne_maps as tsne_analysis
     from app.database.database import VliLmdb
 
-    monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
-    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
+    monkeypatch.setattr(tsne_analysis, "tsne_maps", fake_tsne_maps)
+    monkeypatch.setattr(tsne_analysis, "tsne_ready", lambda: None)
     rng = np.random.default_rng(0)
     records = [make_record(i, text_tokens=TEXT, grid=GRID, n_layers=N_LAYERS, n_heads=N_HEADS, hidden=8,
                            image_cls=True, image_hw=(40, 50),

@@ -144,8 +144,8 @@ try:  # a pytest fixture for modules that preprocess: `from helpers import fast_
     @pytest.fixture(autouse=True)
     def fast_tsne(monkeypatch):
         """Replace the (slow, separately tested) t-SNE by fake_tsne_maps during preprocess."""
-        import app.database.store as store  # noqa: PLC0415
-        monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
-        monkeypatch.setattr(store, "_tsne_ready", lambda: None)
+        import app.database.analyses.tsne_maps as tsne_analysis  # noqa: PLC0415
+        monkeypatch.setattr(tsne_analysis, "tsne_maps", fake_tsne_maps)
+        monkeypatch.setattr(tsne_analysis, "tsne_ready", lambda: None)
 except ImportError:  # pragma: no cover
     pass

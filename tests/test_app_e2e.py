@@ -259,12 +259,12 @@ def test_layout_uses_the_screen(dash_duo, tmp_path, monkeypatch):
     """At 1440x900 everything, the "Add example" panel's status line included, is on screen without
     scrolling; at 1920x1080 the graphs grow into the room; the image keeps its place when the overlay's
     colour bar appears."""
-    import app.database.store as store
+    import app.database.analyses.tsne_maps as tsne_analysis
     from helpers import fake_tsne_maps, make_db, make_record
 
-    monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+    monkeypatch.setattr(tsne_analysis, "tsne_maps", fake_tsne_maps)
 
-    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
+    monkeypatch.setattr(tsne_analysis, "tsne_ready", lambda: None)
     text = ["[CLS]", "what", "color", "is", "the", "triangle", "?", "[SEP]"]
     db, _ = make_db(tmp_path / "db", [make_record(0, text_tokens=text, grid=(6, 6), n_layers=4, n_heads=4,
                                                   image_cls=True, image_hw=(96, 96))])
@@ -296,11 +296,11 @@ def test_layout_uses_the_screen(dash_duo, tmp_path, monkeypatch):
 def test_decoder_example_in_the_browser(dash_duo, tmp_path, monkeypatch):
     """A decoder VLM's example as a person sees it: the prompt with the image's place in it, the generated
     answer, and a grid switch that redraws the overlay of a generated word on the other grid's region."""
-    import app.database.store as store
+    import app.database.analyses.tsne_maps as tsne_analysis
     from helpers import fake_tsne_maps, make_db, make_decoder_record
 
-    monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
-    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
+    monkeypatch.setattr(tsne_analysis, "tsne_maps", fake_tsne_maps)
+    monkeypatch.setattr(tsne_analysis, "tsne_ready", lambda: None)
     db, _ = make_db(tmp_path / "db", [make_decoder_record(0, grids=((2, 2), (1, 3)))], special_tokens=("<s>",))
     info = db.example(0)
     dash_duo.start_server(create_app(db))

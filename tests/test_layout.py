@@ -68,12 +68,12 @@ def test_page_json_is_reused_until_the_database_changes(tmp_path, monkeypatch):
     building it, and an example added meanwhile (a write) shows in the next load."""
     import json
 
-    import app.database.store as store
+    import app.database.analyses.tsne_maps as tsne_analysis
     from helpers import fake_tsne_maps, make_db, make_record
 
-    monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+    monkeypatch.setattr(tsne_analysis, "tsne_maps", fake_tsne_maps)
 
-    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
+    monkeypatch.setattr(tsne_analysis, "tsne_ready", lambda: None)
     db, _ = make_db(tmp_path / "db", [make_record(0), make_record(1)])
     app = create_app(db)
     client = app.server.test_client()

@@ -22,7 +22,7 @@ VIEW_KEYS = [f"{cid}.{prop}" for cid, prop in VIEW]
 def db(tmp_path_factory):
     """Examples 0 and 1 (text, an image [CLS] and a 4x5 grid; a custom metric "my metric") and the
     text-only example 7 (no example 2: an id that names nothing), 3 layers x 4 heads."""
-    import app.database.store as store
+    import app.database.analyses.tsne_maps as tsne_analysis
     from helpers import fake_tsne_maps, make_db, make_record
 
     rng = np.random.default_rng(0)
@@ -31,8 +31,8 @@ def db(tmp_path_factory):
                for i in (0, 1)]
     records.append(make_record(7, text_tokens=TEXT[:5], grid=None, n_layers=N_LAYERS, n_heads=N_HEADS, hidden=8))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(store, "_tsne_maps", fake_tsne_maps)
-        mp.setattr(store, "_tsne_ready", lambda: None)
+        mp.setattr(tsne_analysis, "tsne_maps", fake_tsne_maps)
+        mp.setattr(tsne_analysis, "tsne_ready", lambda: None)
         database, report = make_db(tmp_path_factory.mktemp("links") / "db", records)
     assert not report.failed, report.failed
     yield database

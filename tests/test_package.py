@@ -188,10 +188,10 @@ N_LAYERS, N_HEADS, HIDDEN = 2, 3, 8
 
 @pytest.fixture
 def fast_tsne(monkeypatch):
-    import app.database.store as store
+    import app.database.analyses.tsne_maps as tsne_analysis
 
-    monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
-    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
+    monkeypatch.setattr(tsne_analysis, "tsne_maps", fake_tsne_maps)
+    monkeypatch.setattr(tsne_analysis, "tsne_ready", lambda: None)
 
 
 def vilt_like_outputs(seed: int, as_tensor):

@@ -207,12 +207,12 @@ def test_trailing_pads_collapse_into_one_note():
 
 
 def test_play_stops_at_the_last_token_shown(tmp_path, monkeypatch):
-    import app.database.store as store
+    import app.database.analyses.tsne_maps as tsne_analysis
     from helpers import fake_tsne_maps, make_db, make_record
 
-    monkeypatch.setattr(store, "_tsne_maps", fake_tsne_maps)
+    monkeypatch.setattr(tsne_analysis, "tsne_maps", fake_tsne_maps)
 
-    monkeypatch.setattr(store, "_tsne_ready", lambda: None)
+    monkeypatch.setattr(tsne_analysis, "tsne_ready", lambda: None)
     text = ["[CLS]", "a", "b", "[SEP]", "[PAD]", "[PAD]"]
     db, report = make_db(tmp_path / "db", [make_record(0, text_tokens=text)])
     assert not report.failed

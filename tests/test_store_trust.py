@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import app.database.analyses.statistics as statistics_analysis
 import app.database.store as store
 from app.database.database import CorruptValueError, DatabaseError, VliLmdb
 from helpers import fast_tsne, make_db, make_record  # noqa: F401 (fixture)
@@ -199,14 +200,14 @@ def test_an_unexpected_failure_refuses_that_record_alone(tmp_path, monkeypatch):
     db, _ = make_db(tmp_path / "db", [make_record(0)])
     db["1"] = pickle.dumps(make_record(1))
     db["2"] = pickle.dumps(make_record(2))
-    real = store.head_statistics
+    real = statistics_analysis.head_statistics
 
     def broken_for_one(attention, *args):
         if attention.shape[-1] == 10 and float(attention[0, 0, 0, 0]) == float(_first_weight(1)):
             raise MemoryError("simulated")
         return real(attention, *args)
 
-    monkeypatch.setattr(store, "head_statistics", broken_for_one)
+    monkeypatch.setattr(statistics_analysis, "head_statistics", broken_for_one)
     report = db.preprocess(progress=False)
     assert report.added == [2] and "example 1, field 'attention': could not be processed: MemoryError" in report.failed[1]
     db.close()

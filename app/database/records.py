@@ -23,6 +23,8 @@ given as ``grids``: ``[{"name": str, "rows": int, "cols": int, "box": [left, top
 each ``box`` the pixel region of the stored image its patches cover (right and bottom exclusive).
 ``generated`` counts the trailing tokens the model generated (text tokens); ``special`` (one bool
 per token) says which tokens are special when names alone cannot (chat-template markers).
+``patch_lens`` (a decoder's per-patch logit lens) holds, per hidden-state layer, one ``(word, probability)``
+per image token in sequence order; it follows the image tokens into the stored order.
 
 Token kinds: a text token is *special* when its string is one of ``special_tokens`` (or the
 record's ``special`` says so).  An image token with coordinate ``None`` is special; in the text-first
@@ -52,14 +54,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["RecordError", "Record", "Grid", "validate_record", "answers_match", "DEFAULT_SPECIAL_TOKENS",
+__all__ = ["RecordError", "Record", "Grid", "PatchLens", "validate_record", "answers_match", "DEFAULT_SPECIAL_TOKENS",
            "REQUIRED_FIELDS", "OPTIONAL_FIELDS", "MAX_EX_ID", "MAX_GRID_SIDE", "MAX_IMAGE_SIDE",
            "MAX_IMAGE_PIXELS", "ROW_SUM_TOLERANCE"]
 
 DEFAULT_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
 REQUIRED_FIELDS = ("ex_id", "image", "tokens", "txt_len", "attention", "hidden_states")  # txt_len: unless modality
 OPTIONAL_FIELDS = ("img_coords", "grid", "accuracy", "custom_metrics", "metric_descriptions", "prediction",
-                   "text", "notes", "relevancy", "logit_lens", "modality", "grids", "generated", "special")
+                   "text", "notes", "relevancy", "logit_lens", "patch_lens", "modality", "grids", "generated",
+                   "special")
 MODALITIES = ("text", "image")
 
 MAX_EX_ID = 2**31 - 1            # the nearest-token index stores ids as int32
@@ -126,6 +129,24 @@ class Grid:
         return cls(value["name"], int(value["rows"]), int(value["cols"]), tuple(int(v) for v in value["box"]))
 
 
+@dataclass(frozen=True)
+class PatchLens:
+    """The per-patch logit lens of one example: for every hidden-state layer (0 = embeddings) and every
+    image token in stored order, the top word of the model's final norm and LM head applied to that
+    token's hidden state, and its probability."""
+
+    words: tuple[tuple[str, ...], ...]  # [layer][image token]
+    probabilities: np.ndarray           # (n_layers + 1, n_image_tokens) float32
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.words)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.probabilities.shape[1]
+
+
 @dataclass
 class Record:
     """A validated record in stored order (see the module docstring)."""
@@ -147,6 +168,7 @@ class Record:
     notes: list[str] = field(default_factory=list)  # shown with the example (e.g. "the text was cut")
     relevancy: Optional[np.ndarray] = None  # (n, n) float32: gradient relevancy, rows = queries
     logit_lens: Optional[list] = None  # per hidden-state layer, the top answers [[answer, probability], ...]
+    patch_lens: Optional[PatchLens] = None  # per hidden-state layer, the top word of every image token
     order: np.ndarray = None       # stored position i holds input token order[i]
     is_text: np.ndarray = None     # (n,) bool: the token's modality
     grids: tuple[Grid, ...] = ()   # every patch grid; patch_grid[i] indexes it
@@ -424,6 +446,7 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
         relevancy = relevancy.astype(np.float32)
 
     logit_lens = _logit_lens(ex_id, record.get("logit_lens"), n_layers + 1)
+    patch_lens = _patch_lens(ex_id, record.get("patch_lens"), n_layers + 1, n_image)
 
     attention = attention.astype(np.float32, copy=False)
     hidden = hidden.astype(np.float32, copy=False)
@@ -432,6 +455,8 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
         hidden = hidden[:, order]
         if relevancy is not None:
             relevancy = relevancy[order[:, None], order[None, :]]
+        if patch_lens is not None:
+            patch_lens = _reordered_patch_lens(patch_lens, order, is_text)
     stored_tokens = [tokens[i] for i in order]
     stored_text = is_text[order]
     name_special = np.array([tokens[i] in specials for i in order], dtype=bool)
@@ -447,8 +472,8 @@ def validate_record(record: Any, *, special_tokens: Sequence[str] = DEFAULT_SPEC
                   attention=np.ascontiguousarray(attention),
                   hidden_states=np.ascontiguousarray(hidden), accuracy=accuracy, custom_metrics=metrics,
                   metric_descriptions=dict(descriptions), prediction=prediction, text=text, notes=notes,
-                  relevancy=relevancy, logit_lens=logit_lens, order=order, is_text=stored_text,
-                  grids=grids, patch_grid=patch_grid, generated=generated)
+                  relevancy=relevancy, logit_lens=logit_lens, patch_lens=patch_lens, order=order,
+                  is_text=stored_text, grids=grids, patch_grid=patch_grid, generated=generated)
 
 
 def _modality(ex_id, record: dict, n: int) -> np.ndarray:
@@ -599,6 +624,44 @@ def _logit_lens(ex_id, value: Any, n_hidden_layers: int) -> Optional[list]:
             row.append([_bounded_str(ex_id, "logit_lens", pair[0], MAX_TOKEN_CHARS), float(pair[1])])
         layers.append(row)
     return layers
+
+
+def _patch_lens(ex_id, value: Any, n_hidden_layers: int, n_image: int) -> Optional[PatchLens]:
+    """The per-patch logit lens as given: for each hidden-state layer, one (word, probability) per image
+    token in sequence order (the order of ``tokens``)."""
+    if value is None:
+        return None
+    if n_image == 0:
+        raise RecordError(ex_id, "patch_lens", "given, but the record has no image tokens")
+    if not isinstance(value, (list, tuple)) or len(value) != n_hidden_layers:
+        raise RecordError(ex_id, "patch_lens", f"expected one list of (word, probability) per hidden-state layer "
+                          f"({n_hidden_layers}: the embeddings, then after each layer), got {_short(value)}")
+    words = []
+    probabilities = np.empty((n_hidden_layers, n_image), np.float32)
+    for layer, pairs in enumerate(value):
+        if not isinstance(pairs, (list, tuple)) or len(pairs) != n_image:
+            got = f"{len(pairs)} entries" if isinstance(pairs, (list, tuple)) else _short(pairs)
+            raise RecordError(ex_id, "patch_lens", f"layer {layer}: expected one (word, probability) per image "
+                              f"token ({n_image}), got {got}")
+        row = []
+        for token, pair in enumerate(pairs):
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str)
+                    or not isinstance(pair[1], numbers.Real) or isinstance(pair[1], (bool, np.bool_))
+                    or not 0 <= float(pair[1]) <= 1 + WEIGHT_TOLERANCE):
+                raise RecordError(ex_id, "patch_lens", f"layer {layer}, image token {token}: expected (word, "
+                                  f"probability in [0, 1]), got {_short(pair)}")
+            row.append(_bounded_str(ex_id, "patch_lens", pair[0], MAX_TOKEN_CHARS))
+            probabilities[layer, token] = min(float(pair[1]), 1.0)
+        words.append(tuple(row))
+    return PatchLens(words=tuple(words), probabilities=probabilities)
+
+
+def _reordered_patch_lens(lens: PatchLens, order: np.ndarray, is_text: np.ndarray) -> PatchLens:
+    """``lens`` (image tokens in sequence order) with its image tokens in the stored order ``order``."""
+    rank = np.cumsum(~is_text) - 1  # input position -> its place among the image tokens
+    stored = rank[order[~is_text[order]]]
+    return PatchLens(words=tuple(tuple(row[i] for i in stored) for row in lens.words),
+                     probabilities=np.ascontiguousarray(lens.probabilities[:, stored]))
 
 
 def _check_attention_rows(ex_id, attention: np.ndarray) -> None:

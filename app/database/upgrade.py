@@ -27,8 +27,11 @@ from app.database.analysis import attention_rollout
 from app.database.checksum import seal_value
 from app.database.stats import head_statistics
 from app.database.records import Grid
-from app.database.store import (SCHEMA_VERSION, SUB_DBS, DatabaseError, VliLmdb, _ekey, _lkey, _open_lmdb,
-                                _scaled_float16, pending_environment)
+from app.database.environment import DatabaseError, pending_environment, sub_dbs
+from app.database.environment import open_lmdb as _open_lmdb
+from app.database.keys import SCHEMA_VERSION
+from app.database.keys import example_key as _ekey, layer_key as _lkey, scaled_float16 as _scaled_float16
+from app.database.store import VliLmdb
 
 __all__ = ["upgrade", "main"]
 
@@ -42,7 +45,7 @@ def upgrade(path: str, progress: bool = True) -> Optional[int]:
     rewritten, None when it already was at that version. Raises DatabaseError for anything that is
     not a database of a known older schema."""
     quoted = repr(os.fspath(path))
-    env = _open_lmdb(os.fspath(path), quoted, readonly=False, max_dbs=len(SUB_DBS) + 6)
+    env = _open_lmdb(os.fspath(path), quoted, readonly=False, max_dbs=len(sub_dbs()) + 6)
     try:
         try:
             meta = env.open_db(b"meta", create=False)
@@ -60,7 +63,7 @@ def upgrade(path: str, progress: bool = True) -> Optional[int]:
 
 
 def _upgrade_v1(env, meta, path: str, progress: bool) -> int:
-    dbs = {name.decode(): env.open_db(name, create=True) for name in SUB_DBS[1:]}
+    dbs = {name.decode(): env.open_db(name, create=True) for name in sub_dbs()[1:]}
     done_db = env.open_db(PROGRESS_DB, create=True)
     with env.begin() as txn:
         settings = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=meta)}

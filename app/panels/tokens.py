@@ -1,7 +1,8 @@
 """Text tokens and the image: pick the query tokens (text tokens, image patches or the image's special
 tokens) and see what they draw on, tinted on every text token and as a heatmap over the image: the
 selected head's attention, or the attention rollout through the layers up to the selected one
-(``ATT_METHOD``). Also the play button that steps through the text tokens.
+(``ATT_METHOD``). Also the play button that steps through the text tokens, and, for an example with a
+per-patch logit lens, the words its image tokens say at a chosen layer, drawn on their patches.
 
 State: ``SEL_STORE`` = {"ex": id, "tokens": [...]} (the queries), ``HEAD_STORE`` (heads panel).
 The image figure is built once per example (layout image); afterwards only its overlay is patched.
@@ -17,7 +18,7 @@ from dash.exceptions import PreventUpdate
 from app import export, figures, ids
 from app.panels.common import (as_index, clear_drawn_selection, example_info, first_point, head_label,
                                head_selection, image_downloads, initial_figure, panel, selected_tokens)
-from app.panels.hidden import point_token
+from app.panels.hidden import EMB, point_token
 
 PLAY_MS = 900
 DEFAULT_OPACITY = 0.6
@@ -39,6 +40,10 @@ METHODS = {
 NO_RELEVANCY = ("This example has no gradient relevancy: its record did not bring one (the ViLT adapter "
                 "computes it for VQA and retrieval heads).")
 DEFAULT_METHOD = "attention"
+PATCH_WORDS_ON = "on"
+PATCH_WORDS_HELP = ("Patch words: the model's final norm and LM head applied to each image token's hidden state "
+                    "at the chosen layer (a logit lens per patch, emb = before layer 1): the top word of each "
+                    "patch, larger and brighter the more probable (hover for the word and its probability).")
 
 
 def play_label(playing: bool) -> list:
@@ -50,9 +55,10 @@ def play_label(playing: bool) -> list:
 
 def layout(ctx, ex_id):
     """The panel showing example ``ex_id`` with nothing selected (None: an empty database)."""
-    segments, chips, figure, ready, grid_options, grid_value, grid_style = \
-        example_view(ctx.db, ex_id, DEFAULT_OPACITY, []) if ex_id is not None \
-        else (None, None, None, None, [], 0, {"display": "none"})
+    n_layers = ctx.db.n_layers or 0  # 0: no examples yet
+    segments, chips, figure, ready, grid_options, grid_value, grid_style, words_style = \
+        example_view(ctx.db, ex_id, DEFAULT_OPACITY, [], None) if ex_id is not None \
+        else (None, None, None, None, [], 0, {"display": "none"}, {"display": "none"})
     return panel(
         "Attention", "Pick the query side, then click tokens (text) or click / box-select / lasso patches "
         "(image): their attention to every token is shown, for the head selected in the head summary. "
@@ -86,6 +92,16 @@ def layout(ctx, ex_id):
                                      className="side-switch")],
                      id=ids.GRID_SWITCH_WRAP, className="controls grid-switch", style=grid_style,
                      title="the model saw the image through several patch grids: show one at a time"),
+            html.Div([
+                html.Div([dcc.Checklist(id=ids.PATCH_WORDS, value=[], className="smooth-toggle",
+                                        options=[{"label": " patch words", "value": PATCH_WORDS_ON}]),
+                          html.Span("at layer", className="label"),
+                          html.Div(dcc.Slider(id=ids.PATCH_WORDS_LAYER, min=0, max=n_layers, step=1, value=n_layers,
+                                              marks=layer_marks(n_layers), allow_direct_input=False,
+                                              tooltip={"transform": "vliLayerLabel", "placement": "top"}),
+                                   className="patch-words-slider", style={"flex": 1})], className="controls"),
+                html.P(PATCH_WORDS_HELP, className="help"),
+            ], id=ids.PATCH_WORDS_WRAP, className="patch-words", style=words_style),
         ], className="image-wrap"),
         html.Div([
             html.Span("Overlay opacity", className="label"),
@@ -177,12 +193,44 @@ def token_elements(info) -> tuple[list, list]:
     return segments, chips
 
 
-def example_view(db, ex_id: int, opacity: float, smooth: list) -> tuple:
-    """Text token segments, image-side special tokens, the image figure (first grid, no overlay yet),
-    the example id for EXAMPLE_READY, and the grid switch (options, value, style)."""
+def layer_marks(n_layers: int) -> dict:
+    """A hidden-state layer slider's marks: "emb" (before layer 1), then the layers (every other one
+    beyond 12), as the t-SNE slider has them."""
+    marks = {0: EMB}
+    marks.update({l: str(l) for l in range(1, n_layers + 1) if n_layers <= 12 or l % 2 == 0 or l == n_layers})
+    return marks
+
+
+def example_view(db, ex_id: int, opacity: float, smooth: list, lens_layer: Optional[int]) -> tuple:
+    """Text token segments, image-side special tokens, the image figure (first grid, no overlay yet; the
+    patch words of ``lens_layer`` when not None), the example id for EXAMPLE_READY, the grid switch
+    (options, value, style) and the patch words' style."""
     info = db.example(ex_id)
     segments, chips = token_elements(info)
-    return (segments, chips, image_view(db, info, 0, opacity, smooth), ex_id, *grid_switch(info))
+    return (segments, chips, image_view(db, info, 0, opacity, smooth, lens_layer=lens_layer), ex_id,
+            *grid_switch(info), {} if shows_patch_words(info) else {"display": "none"})
+
+
+def shows_patch_words(info) -> bool:
+    """Whether the example has words to draw on its patches (a per-patch logit lens and a patch grid)."""
+    return info.has_patch_lens and bool(info.grids)
+
+
+def patch_words(db, info, g: int, lens_layer: Optional[int]) -> dict:
+    """The image figure's patch-words trace on grid ``g``: the words of hidden-state layer ``lens_layer``,
+    or none (an empty trace, kept for the toggle to fill) when it is None."""
+    grid = info.grids[g]
+    lens = db.patch_lens(info.ex_id, lens_layer) if lens_layer is not None else None
+    tokens, words, probabilities = lens if lens is not None else ((), (), ())
+    return figures.patch_words_trace(tokens, words, probabilities, info.on_grid(g), grid.shape, info.image_size,
+                                     grid.box)
+
+
+def patch_words_layer(db, toggle, layer) -> Optional[int]:
+    """The layer whose patch words are drawn (None: the toggle is off), from the browser's values."""
+    if not isinstance(toggle, list):
+        raise PreventUpdate
+    return as_index(layer, db.n_layers + 1) if PATCH_WORDS_ON in toggle else None
 
 
 def grid_switch(info) -> tuple[list, int, dict]:
@@ -209,12 +257,14 @@ def grid_overlay(info, g: int, att: Optional[np.ndarray], tokens: list, method: 
 
 
 def image_view(db, info, g: int, opacity: float, smooth: list, att: Optional[np.ndarray] = None,
-               tokens: list = (), method: str = DEFAULT_METHOD):
-    """The image figure with grid ``g`` (each grid over its own region of the image) and, given
-    ``att``, its overlay."""
+               tokens: list = (), method: str = DEFAULT_METHOD, lens_layer: Optional[int] = None):
+    """The image figure with grid ``g`` (each grid over its own region of the image), given ``att`` its
+    overlay, and for an example with a per-patch logit lens the words of ``lens_layer`` (None: none yet)."""
     grid = info.grids[g] if info.grids else None
+    words = patch_words(db, info, g, lens_layer) if shows_patch_words(info) else None
     fig = figures.image_figure(figures.png_data_uri(db.image_png(info.ex_id)), info.image_size,
-                               info.on_grid(g) if grid else info.coords, grid and grid.shape, grid and grid.box)
+                               info.on_grid(g) if grid else info.coords, grid and grid.shape, grid and grid.box,
+                               words)
     if grid:
         state, shapes = grid_overlay(info, g, att, list(tokens), method)
         fig.update(data=[dict(fig.data[0].to_plotly_json(), **state, opacity=opacity,
@@ -265,17 +315,19 @@ def register_callbacks(app, ctx):
     @app.callback(Output(ids.TEXT_TOKENS, "children"), Output(ids.IMAGE_SPECIALS, "children"),
                   Output(ids.IMAGE_GRAPH, "figure"), Output(ids.EXAMPLE_READY, "data"),
                   Output(ids.GRID_SWITCH, "options"), Output(ids.GRID_SWITCH, "value"),
-                  Output(ids.GRID_SWITCH_WRAP, "style"),
+                  Output(ids.GRID_SWITCH_WRAP, "style"), Output(ids.PATCH_WORDS_WRAP, "style"),
                   Input(ids.EXAMPLE_SELECT, "value"),
                   State(ids.OPACITY, "value"), State(ids.SMOOTH, "value"), State(ids.GRID_SWITCH, "value"),
+                  State(ids.PATCH_WORDS, "value"), State(ids.PATCH_WORDS_LAYER, "value"),
                   prevent_initial_call=True)
-    def show_example(ex_id, opacity, smooth, grid_value):
+    def show_example(ex_id, opacity, smooth, grid_value, words_toggle, words_layer):
         example_info(db, ex_id)
         shown = _opacity(opacity)
-        view = example_view(db, ex_id, DEFAULT_OPACITY if shown is None else shown, smooth)
+        view = example_view(db, ex_id, DEFAULT_OPACITY if shown is None else shown, smooth,
+                            patch_words_layer(db, words_toggle, words_layer))
         # The switch goes back to the first grid only when it showed another: setting its value fires
         # switch_grid, which would draw this example's image a second time.
-        return *view[:5], view[5] if grid_value != view[5] else no_update, view[6]
+        return *view[:5], view[5] if grid_value != view[5] else no_update, *view[6:]
 
     app.clientside_callback(ClientsideFunction("vli", "tokenClick"), Output(ids.TOKEN_CLICK, "data"),
                             Input({"type": ids.TOKEN, "index": ALL}, "n_clicks"), prevent_initial_call=True)
@@ -460,8 +512,9 @@ def register_callbacks(app, ctx):
                   Output(ids.IMAGE_GRAPH, "selectedData", allow_duplicate=True),
                   Input(ids.GRID_SWITCH, "value"), State(ids.EXAMPLE_READY, "data"), State(ids.SEL_STORE, "data"),
                   State(ids.HEAD_STORE, "data"), State(ids.ATT_METHOD, "value"), State(ids.OPACITY, "value"),
-                  State(ids.SMOOTH, "value"), prevent_initial_call=True)
-    def switch_grid(grid_value, ready, sel, head_sel, method, opacity, smooth):
+                  State(ids.SMOOTH, "value"), State(ids.PATCH_WORDS, "value"), State(ids.PATCH_WORDS_LAYER, "value"),
+                  prevent_initial_call=True)
+    def switch_grid(grid_value, ready, sel, head_sel, method, opacity, smooth, words_toggle, words_layer):
         """Another grid of the example: the image figure redrawn with that grid, the overlay of the
         current selection on it (one figure, so that no patch of the old one can land on it)."""
         if ready is None or not head_sel:
@@ -472,7 +525,22 @@ def register_callbacks(app, ctx):
         att = selection_weights(db, ready, method, head_selection(db, head_sel), tokens) if tokens else None
         shown = _opacity(opacity)
         return image_view(db, info, shown_grid(info, grid_value), DEFAULT_OPACITY if shown is None else shown,
-                          smooth, att, tokens, method), None
+                          smooth, att, tokens, method, patch_words_layer(db, words_toggle, words_layer)), None
+
+    @app.callback(Output(ids.IMAGE_GRAPH, "figure", allow_duplicate=True),
+                  Input(ids.PATCH_WORDS, "value"), Input(ids.PATCH_WORDS_LAYER, "value"),
+                  State(ids.EXAMPLE_READY, "data"), State(ids.GRID_SWITCH, "value"), prevent_initial_call=True)
+    def show_patch_words(words_toggle, words_layer, ready, grid_value):
+        """The words of the chosen layer on the patches (or none), in place of the ones shown."""
+        if ready is None:
+            raise PreventUpdate
+        info = example_info(db, ready)
+        if not shows_patch_words(info):
+            raise PreventUpdate
+        patch = Patch()
+        patch["data"][3] = patch_words(db, info, shown_grid(info, grid_value),
+                                       patch_words_layer(db, words_toggle, words_layer))
+        return patch
 
 
 def _opacity(value):
