@@ -73,17 +73,24 @@ def patch_positions(info) -> list[int]:
     return [i for i in range(info.n_tokens) if info.coords[i] is not None]
 
 
+def answer_query(info) -> int:
+    """The query whose output is the prediction: a decoder's prompt's last token (it generates the answer's
+    first token, what a decoder's re-run scores), else [CLS] (:data:`QUERY`)."""
+    return info.n_tokens - info.generated - 1 if info.generated else QUERY
+
+
 def patch_relevance(db, ex_id: int, method: str) -> np.ndarray:
-    """float32 (patches,): how much the answer uses each patch by ``method``, as the [CLS] query's
-    row read from the database: the last layer's attention (mean of heads), the rollout through every
-    layer, or the gradient relevancy of the prediction."""
+    """float32 (patches,): how much the answer uses each patch by ``method``, as the answer's query's
+    row (:func:`answer_query`) read from the database: the last layer's attention (mean of heads), the
+    rollout through every layer, or the gradient relevancy of the prediction."""
     info = db.example(ex_id)
+    query = [answer_query(info)]
     if method == "attention":
-        row = db.attention(ex_id, db.n_layers - 1, None, [QUERY])
+        row = db.attention(ex_id, db.n_layers - 1, None, query)
     elif method == "rollout":
-        row = db.rollout(ex_id, db.n_layers - 1, [QUERY])
+        row = db.rollout(ex_id, db.n_layers - 1, query)
     elif method == "relevancy":
-        row = db.relevancy(ex_id, [QUERY])
+        row = db.relevancy(ex_id, query)
         if row is None:
             raise InterventionError(f"example {ex_id}: no gradient relevancy stored (field relevancy); "
                                     "pick attention or rollout")

@@ -353,9 +353,13 @@ def test_batch_extractor(checkpoints, images, tmp_path):
 
 
 def test_options_and_errors(checkpoints, tmp_path):
-    assert parse_options(["dtype=bfloat16", "max_new_tokens=7"]) == {"max_new_tokens": 7, "dtype": torch.bfloat16}
+    assert parse_options(["dtype=bfloat16", "max_new_tokens=7"]) == {"max_new_tokens": 7, "dtype": torch.bfloat16,
+                                                                     "relevancy": True, "patch_lens": True}
+    assert parse_options(["relevancy=0", "patch_lens=0"])["relevancy"] is False
+    assert parse_options(["relevancy=0", "patch_lens=0"])["patch_lens"] is False
     for words, message in ((["temperature=1"], "unknown option 'temperature'"),
                            (["max_new_tokens=0"], "max_new_tokens=0: expected a positive integer"),
+                           (["relevancy=yes"], "relevancy=yes: expected 0 or 1"),
                            (["dtype=int8"], "dtype=int8: expected one of auto, float32, float16, bfloat16"),
                            (["cpu", "cuda"], "several devices")):
         with pytest.raises(ModelLoadError, match=message) as error:

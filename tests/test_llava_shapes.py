@@ -1,9 +1,13 @@
 """The bundled generative VLM of the shapes task (shapes_vqa/llava-shapes/, trained by
 shapes_vqa/train_llava.py): processor layout, the training script, held-out accuracy through the
-user's loading path, and the "truth" test on its language model's attention.
+user's loading path, the "truth" test on its language model's attention, and the faithfulness of what -m hf
+stores for it.
 """
 
 import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -217,3 +221,24 @@ def test_named_shape_or_answer_attends_to_the_shapes_patch(truth_cases):
     assert (best > 0.5).mean() >= 0.95, np.round(best, 2)
     assert (word > 0.5).mean() >= 0.6, np.round(word, 2)
     assert (control > 0.5).mean() <= 0.05, np.round(control, 2)
+
+
+def test_evidence_of_the_live_model_is_faithful_on_the_bundled_model():
+    """bench/faithfulness.py -m hf --quick: through -m hf (its stored attention, rollout and relevancy rows
+    of the prompt's last token, and Hf.mask_patches), removing the patches a map ranks first hurts the
+    bundled model's answers more than a random order, and removing the last-ranked ones first hurts less.
+    On 20 questions: positive AUC 0.35 for every map against 0.67 at random, negative 0.87 against 0.56."""
+    root = MODEL_DIR.parent.parent
+    out = subprocess.run([sys.executable, "bench/faithfulness.py", "-m", "hf", "--quick"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    aucs, direction = {}, None
+    for line in out.stdout.splitlines():
+        if line.startswith(("positive", "negative")):
+            direction = line.split()[0]
+        elif "AUC" in line:
+            method, _, value = line.split()[:3]
+            aucs[(direction, method)] = float(value)
+    for method in ("attention", "rollout", "relevancy"):
+        assert aucs[("positive", method)] < aucs[("positive", "random")] - 0.1, out.stdout
+        assert aucs[("negative", method)] > aucs[("negative", "random")] + 0.1, out.stdout

@@ -127,7 +127,8 @@ def layout(ctx):
         html.Div([
             html.Button("Deletion curve", id=ids.IV_DELETION, className="btn",
                         title="the answer's score as patches are removed, most relevant first by the attention "
-                              "panel's method (attention: last layer, mean of heads; all from [CLS])"),
+                              "panel's method (attention: last layer, mean of heads; all from the query that gives the "
+                              "answer: [CLS] for ViLT, the prompt's last token for a decoder)"),
             html.Button("Remove the selected patches", id=ids.IV_MASK, className="btn",
                         title="the patches selected in the attention panel"),
         ], className="controls"),

@@ -89,6 +89,7 @@ class LlavaNextAdapter(HfAdapter):
     """LLaVA-NeXT / LLaVA-1.6 (``llava-hf/llava-v1.6-mistral-7b-hf``): base view + high-resolution grid."""
 
     model_types = ("llava_next",)
+    reruns_stored_image = False  # the stored image is the two views side by side, not the image it was made of
 
     def plain_prompt(self, processor, text: str) -> str:
         return f"[INST] {processor.image_token}\n{text} [/INST]"

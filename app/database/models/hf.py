@@ -13,6 +13,11 @@ pass over the whole sequence (prompt + answer), so every generated token has its
 same row ``generate`` computes for it. The closing end token is not stored (it predicts nothing and is
 no content); its probability is part of the score.
 
+Evidence in the record beyond attention: the gradient relevancy of every generated token
+(:meth:`Hf._relevancy`, optional ``relevancy=0``), the logit lens where the answer starts and the per-patch
+logit lens (``patch_lens``, optional ``patch_lens=0``). Interventions (head ablation, patch removal,
+activation patching) re-run a stored example: see :meth:`Hf.predict` and the methods after it.
+
 A family is an :class:`HfAdapter` subclass in a private module (``_hf_llava.py``, ``_hf_qwen.py``, ...);
 it knows how its processor builds the prompt and where each image token's patch lies.
 """
@@ -25,6 +30,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from app.database.analysis import gradient_relevancy
+from app.database.models._interventions import TOP_ANSWERS, heads_by_layer, hooked, zeroing_heads
 from app.database.models.vl_model import VL_Model
 
 # config.model_type -> "module:Class" of its adapter, imported only when a checkpoint needs it
@@ -42,6 +49,11 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 DEFAULT_MAX_NEW_TOKENS = 32
 AUTO_DEVICE = "auto"  # the device word for a model spread over every GPU (device_map="auto")
 LENS_TOP = 10  # tokens per layer in the logit lens (records.MAX_LENS_ANSWERS)
+LENS_CHUNK = 256  # image tokens per LM-head call of the per-patch lens (a (chunk, vocab) array at a time)
+RERUN_BATCH = 16  # rows per forward pass of a batched re-run (removal sets, patching columns)
+# on/off options (word=0|1, default on) for the evidence that costs: what each adds to a record
+FLAG_OPTIONS = {"relevancy": "the gradient relevancy of every generated token (one backward pass each)",
+                "patch_lens": "the per-patch logit lens (the LM head on every image token after every layer)"}
 HINT_KEY = "vl_interpret_hint"  # optional config.json key: what images the checkpoint expects
 
 
@@ -63,6 +75,70 @@ class ImageLayout:
     grids: list
 
 
+@dataclass
+class _Rerun:
+    """A stored example ready for the interventions: the forward inputs over its prompt and the answer the
+    unchanged model generates (batch of 1), and where its image tokens are."""
+    inputs: dict
+    prompt_len: int
+    is_image: np.ndarray  # (n,) bool, over prompt + answer
+    tokens: list
+
+
+def _ranges(positions) -> str:
+    """"3-38, 41" of sorted positions."""
+    runs, start = [], None
+    for i, p in enumerate(positions):
+        if start is None:
+            start = p
+        if i + 1 == len(positions) or positions[i + 1] != p + 1:
+            runs.append(f"{start}" if start == p else f"{start}-{p}")
+            start = None
+    return ", ".join(runs) or "none"
+
+
+def _layout(run: _Rerun) -> tuple:
+    return len(run.tokens), run.prompt_len, tuple(np.flatnonzero(run.is_image).tolist())
+
+
+def _layout_text(run: _Rerun) -> str:
+    return (f"{len(run.tokens)} tokens ({run.prompt_len} of the prompt, image tokens at "
+            f"{_ranges(np.flatnonzero(run.is_image))})")
+
+
+def _masking_keys(removed: torch.Tensor):
+    """A keyword pre-hook for a decoder attention: row ``b`` of ``removed`` ((batch, n) bool) marks the keys
+    that no query of batch row ``b`` may attend to, except each such token to itself (a query with no key left
+    would be a row of the mask's minimum only). ``attention_mask`` is the eager additive mask (or None)."""
+    def hook(_module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        batch, n = removed.shape
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.zeros((batch, 1, n, n), dtype=hidden.dtype, device=hidden.device)
+        blocked = removed[:, None, None, :] & ~torch.eye(n, dtype=torch.bool)
+        kwargs["attention_mask"] = mask.expand(batch, *mask.shape[1:]).masked_fill(
+            blocked.to(mask.device), torch.finfo(mask.dtype).min)
+        return args, kwargs
+    return hook
+
+
+def _layer_output(output) -> torch.Tensor:
+    """A decoder layer's hidden states (transformers 5 returns the tensor; older layers a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _patching_in(clean_state: torch.Tensor, columns: list):
+    """A forward hook for a decoder layer: batch row ``c`` gets ``clean_state`` (n, hidden) at the positions
+    ``columns[c]``."""
+    def hook(_module, _args, output):
+        hidden = _layer_output(output).clone()
+        for row, positions in enumerate(columns):
+            hidden[row, positions] = clean_state[positions]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    return hook
+
+
 class HfAdapter:
     """How one family of Hugging Face VLMs is prompted and where its image tokens lie.
 
@@ -70,6 +146,8 @@ class HfAdapter:
 
         model_types: tuple[str, ...]           config.model_type values this adapter handles
         model_class                            transformers class load() uses (AutoModelForImageTextToText)
+        reruns_stored_image: bool              whether the stored image, given to the processor again, gives
+                                               the same image tokens (what the interventions need); default True
         load(checkpoint, device, dtype) -> (model, processor)
             dtype: a torch.dtype or "auto"; the model in eval mode on ``device`` (a torch.device, or
             "auto": spread over the GPUs by accelerate's device_map="auto"), eager attention
@@ -93,6 +171,7 @@ class HfAdapter:
 
     model_types: tuple = ()
     model_class = AutoModelForImageTextToText
+    reruns_stored_image = True  # the stored image through the processor again gives the same image tokens
 
     def load(self, checkpoint: str, device, dtype):
         # eager attention: under SDPA transformers silently returns no attention maps
@@ -140,7 +219,7 @@ def _stacked(per_layer) -> np.ndarray:
     time (a long LLaVA-NeXT prompt has gigabytes of attention)."""
     stacked = np.empty((len(per_layer), *per_layer[0].shape[1:]), dtype=np.float32)
     for layer, tensor in enumerate(per_layer):
-        stacked[layer] = tensor[0].float().cpu().numpy()
+        stacked[layer] = tensor[0].detach().float().cpu().numpy()
     return stacked
 
 
@@ -171,8 +250,9 @@ def split_device(words) -> tuple:
 
 
 def parse_options(words) -> dict:
-    """``["max_new_tokens=8", "dtype=float16"]`` -> {"max_new_tokens": 8, "dtype": torch.float16}."""
-    options = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "dtype": "auto"}
+    """``["max_new_tokens=8", "dtype=float16", "relevancy=0"]`` -> {"max_new_tokens": 8, "dtype": torch.float16,
+    "relevancy": False, "patch_lens": True}."""
+    options = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "dtype": "auto", **dict.fromkeys(FLAG_OPTIONS, True)}
     for word in words:
         key, _, value = word.partition("=")
         if key == "max_new_tokens":
@@ -183,8 +263,13 @@ def parse_options(words) -> dict:
             if value not in DTYPES:
                 raise ValueError(f"dtype={value}: expected one of {', '.join(DTYPES)}")
             options[key] = DTYPES[value]
+        elif key in FLAG_OPTIONS:
+            if value not in ("0", "1"):
+                raise ValueError(f"{key}={value}: expected 0 or 1 (whether records get {FLAG_OPTIONS[key]})")
+            options[key] = value == "1"
         else:
-            raise ValueError(f"unknown option {key!r} (options: max_new_tokens=N, dtype={'|'.join(DTYPES)})")
+            flags = ", ".join(f"{flag}=0|1" for flag in FLAG_OPTIONS)
+            raise ValueError(f"unknown option {key!r} (options: max_new_tokens=N, dtype={'|'.join(DTYPES)}, {flags})")
     return options
 
 
@@ -199,10 +284,15 @@ class Hf(VL_Model):
 
     - ``max_new_tokens=N``: the longest answer generated (default 32); a longer one is cut, with a note.
     - ``dtype=auto|float32|float16|bfloat16``: the weights' dtype (default ``auto``: the checkpoint's).
+    - ``relevancy=0|1``: store the gradient relevancy of every generated token (default 1; it costs one
+      backward pass per generated token, and gradients need the forward pass's activations kept).
+    - ``patch_lens=0|1``: store the per-patch logit lens (default 1; the LM head on every image token
+      after every layer: cheap for small models, a few TFLOP for a 7B model's 2 000 image tokens).
 
     Record: tokens in sequence order with ``modality``, ``img_coords``, ``grid`` (``grids`` when the
     family has several), ``special``, ``generated`` (the answer's tokens, last), ``logit_lens`` (where the
-    answer starts, every layer: :meth:`_logit_lens`); ``prediction``: the
+    answer starts, every layer: :meth:`_logit_lens`), ``relevancy`` (:meth:`_relevancy`), ``patch_lens``
+    (:meth:`_patch_lens`); ``prediction``: the
     answer (the generated text, stripped) and its score, the probability of the whole greedy output
     (the product of the probabilities of every generated token, the closing end token included).
     """
@@ -221,6 +311,7 @@ class Hf(VL_Model):
         settings = parse_options(options)
         self.adapter = adapter_for(_model_type(checkpoint))
         self.max_new_tokens = settings["max_new_tokens"]
+        self.relevancy, self.patch_lens = settings["relevancy"], settings["patch_lens"]
         self.model, self.processor = self.adapter.load(
             checkpoint, device if device == AUTO_DEVICE else torch.device(device), settings["dtype"])
         self.text_config = self.model.config.get_text_config()
@@ -261,18 +352,33 @@ class Hf(VL_Model):
         with self._lock:
             inputs = self.prompt(image, input_text)
             layout = self.adapter.image_layout(inputs, self.processor, self.model, image)
+            prompt_len = int(inputs["input_ids"].shape[1])
+            self._check_layout(ex_id, layout, prompt_len)
             sequence = self.generate(inputs)
             sequence, end_token = self._without_end_token(sequence)
-            prompt_len = int(inputs["input_ids"].shape[1])
             generated = int(sequence.shape[1]) - prompt_len
-            with torch.no_grad():  # logits only where they predict the answer: the vocabulary is large
+            explained = self.relevancy and generated > 0
+            with torch.set_grad_enabled(explained):  # the relevancy needs the attentions' gradients
+                # logits only where they predict the answer: the vocabulary is large
                 out = self.model(**self.adapter.full_inputs(self.model, inputs, sequence),
                                  output_attentions=True, output_hidden_states=True, return_dict=True,
-                                 logits_to_keep=generated + 1)
-        if not out.attentions or out.hidden_states is None:
-            raise RuntimeError(f"example {ex_id}: the model returned no attentions / hidden states")
-        ids = sequence[0].tolist()
-        self._check_layout(ex_id, layout, prompt_len)
+                                 logits_to_keep=generated + 1, use_cache=False)
+            if not out.attentions or out.hidden_states is None:
+                raise RuntimeError(f"example {ex_id}: the model returned no attentions / hidden states")
+            ids = sequence[0].tolist()
+            attention = _stacked(out.attentions)
+            relevancy = self._relevancy(out, attention, ids, prompt_len) if explained else None
+        return self._record(ex_id, input_text, label, layout, ids, end_token, attention, out.hidden_states,
+                            out.logits[0].detach(), relevancy)
+
+    def _record(self, ex_id: int, input_text: str, label, layout: ImageLayout, ids: list, end_token, attention,
+                hidden_states, logits: torch.Tensor, relevancy) -> dict:
+        """The record of one pair from its forward pass over prompt + answer: ``ids`` the sequence (without
+        the closing end token, ``end_token``: its id or None), ``attention`` the stacked attentions,
+        ``hidden_states`` the model's per-layer (1, n, hidden) tensors, ``logits`` (generated + 1, vocab)
+        from the prompt's last position on, ``relevancy`` (n, n) or None."""
+        prompt_len = len(layout.is_image)  # checked against the prompt (_check_layout)
+        generated = len(ids) - prompt_len
         is_image = np.concatenate([layout.is_image.astype(bool), np.zeros(generated, dtype=bool)])
         special_ids = self.adapter.special_token_ids(self.processor, self.model)
         tokenizer = self.processor.tokenizer
@@ -289,18 +395,168 @@ class Hf(VL_Model):
             "grid": (int(layout.grids[0]["rows"]), int(layout.grids[0]["cols"])),
             "generated": generated,
             "special": self._special(ids, is_image, layout.coords, special_ids),
-            "attention": _stacked(out.attentions),
-            "hidden_states": _stacked(out.hidden_states),
-            "prediction": {"answer": answer, "score": self._score(out.logits[0], ids[prompt_len:], end_token),
+            "attention": attention,
+            "hidden_states": _stacked(hidden_states),
+            "prediction": {"answer": answer, "score": self._score(logits, ids[prompt_len:], end_token),
                            "label": None if label is None else str(label)},
-            "logit_lens": self._logit_lens(out.hidden_states, prompt_len - 1, out.logits[0, 0]),
+            "logit_lens": self._logit_lens(hidden_states, prompt_len - 1, logits[0]),
             "text": input_text,
         }
+        if relevancy is not None:
+            record["relevancy"] = relevancy
+        if self.patch_lens and is_image.any():
+            record["patch_lens"] = self._patch_lens(hidden_states, np.flatnonzero(is_image))
         if len(layout.grids) > 1:
             record["grids"] = layout.grids
         if notes:
             record["notes"] = notes
         return record
+
+    # ------------------------------------------------------------------------------------------
+    # Interventions on a stored example (see VL_Model): the model re-run on its stored image and text, then
+    # on the answer the unchanged model generates for them, so that every token position means the same
+    # token as in the record. A re-run's prediction is about the answer's first token, where the answer
+    # starts (the prompt's last position, as the logit lens): "logits" and "scores" (the model's
+    # probabilities) range over the vocabulary, "answer" is the most probable token generation may pick
+    # (the suppressed image placeholders never are), "index" its id. The language model's layers and heads
+    # are the ones intervened on.
+    @property
+    def supports_interventions(self) -> bool:
+        return self.adapter.reruns_stored_image
+
+    def predict(self, image, text: str, patches=None) -> dict:
+        with self._lock:
+            run = self._rerun(image, text, patches)
+            return self._rerun_prediction(self._answer_logits(run)[0], run)
+
+    def ablate(self, image, text: str, heads, patches=None) -> dict:
+        """The heads are zeroed at the input of their attention's output projection ``o_proj``."""
+        config = self.text_config
+        by_layer = heads_by_layer(heads, int(config.num_hidden_layers), int(config.num_attention_heads))
+        layers = self._decoder_layers()
+        hooks = [(layers[layer].self_attn.o_proj, "pre", zeroing_heads(zeroed, int(layers[layer].self_attn.head_dim)))
+                 for layer, zeroed in by_layer.items()]
+        with self._lock:
+            run = self._rerun(image, text, patches)
+            with hooked(hooks):
+                logits = self._answer_logits(run)
+            return self._rerun_prediction(logits[0], run)
+
+    def mask_patches(self, image, text: str, removed_sets, patches=None) -> list:
+        """Removing an image token masks it out of the language model's attention in every layer: no other
+        token attends to it (its key column gets the mask's minimum, as padding does; its own row keeps
+        its diagonal, so that it stays finite), every position and embedding unchanged. This is the
+        perturbation of Chefer et al. (2021), and of the ViLT adapter, for a decoder: the token is gone
+        from what every later token reads. Deleting the tokens from the sequence instead would move every
+        later token to another rotary position, and replacing their embeddings (zeros, a mean, a blurred
+        patch) feeds the model a baseline it never saw, which still reaches the answer through attention."""
+        with self._lock:
+            run = self._rerun(image, text, patches)
+            n = len(run.tokens)
+            removed = torch.zeros((len(removed_sets), n), dtype=torch.bool)
+            for row, positions in enumerate(removed_sets):
+                for position in positions:
+                    if isinstance(position, bool) or not isinstance(position, (int, np.integer)) \
+                            or not 0 <= position < n or not run.is_image[position]:
+                        image_positions = np.flatnonzero(run.is_image)
+                        raise ValueError(f"removed token {position!r}: not an image token position (image tokens "
+                                         f"are at {_ranges(image_positions)} of 0..{n - 1})")
+                    removed[row, int(position)] = True
+            predictions = []
+            layers = self._decoder_layers()
+            for rows in removed.split(RERUN_BATCH) if len(removed_sets) else ():
+                with hooked([(layer.self_attn, "pre_kwargs", _masking_keys(rows)) for layer in layers]):
+                    logits = self._answer_logits(run, len(rows))
+                predictions += [self._rerun_prediction(row, run) for row in logits]
+            return predictions
+
+    def patch_activations(self, clean, corrupted, columns) -> dict:
+        """The clean answer's logit is its first token's, where the answer starts; a layer's output is its
+        decoder layer's (the residual stream after it). Positions after the prompt's last token cannot change
+        that logit (the model is causal), so patching them gives the corrupted run's logit."""
+        with self._lock:
+            source, target = self._rerun(*clean), self._rerun(*corrupted)
+            if _layout(source) != _layout(target):
+                raise ValueError(f"the clean input has {_layout_text(source)}, the corrupted one "
+                                 f"{_layout_text(target)}: positions would not match")
+            n = len(source.tokens)
+            columns = [[int(p) for p in column] for column in columns]
+            bad = [column for column in columns if not column or not all(0 <= p < n for p in column)]
+            if bad:
+                raise ValueError(f"columns: {bad[0]} is not a non-empty list of positions in 0..{n - 1}")
+            layers = self._decoder_layers()
+            clean_states = [None] * len(layers)
+
+            def recording(layer):
+                def hook(_module, _args, output):
+                    clean_states[layer] = _layer_output(output)[0].clone()
+                return hook
+
+            with hooked([(module, "post", recording(layer)) for layer, module in enumerate(layers)]):
+                clean_prediction = self._rerun_prediction(self._answer_logits(source)[0], source)
+            corrupted_prediction = self._rerun_prediction(self._answer_logits(target)[0], target)
+            answer = clean_prediction["index"]
+            patched = np.zeros((len(layers), len(columns)), dtype=np.float32)
+            for layer, module in enumerate(layers):
+                for start in range(0, len(columns), RERUN_BATCH):
+                    chunk = columns[start:start + RERUN_BATCH]
+                    with hooked([(module, "post", _patching_in(clean_states[layer], chunk))]):
+                        logits = self._answer_logits(target, len(chunk))
+                    patched[layer, start:start + len(chunk)] = logits[:, answer].cpu().numpy()
+            return {"clean": clean_prediction, "corrupted": corrupted_prediction, "patched": patched}
+
+    def _decoder_layers(self):
+        return self.model.get_decoder().layers
+
+    def _rerun(self, image, text: str, patches=None) -> _Rerun:
+        """The inputs of the forward pass over a stored example: the stored image (the one the model saw) and
+        text through the prompt, then the answer the unchanged model generates greedily, as in
+        :meth:`data_setup`. ``patches``, when given, are the image tokens' (x, y) in stored order: a decoder's
+        image tokens are in the model's own order, so they must be exactly the ones this image gives."""
+        picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+        inputs = self.prompt(picture, text)
+        layout = self.adapter.image_layout(inputs, self.processor, self.model, picture)
+        if patches is not None:
+            own = [tuple(int(v) for v in c[:2]) for c in layout.coords if c is not None]
+            given = [tuple(int(v) for v in xy[:2]) for xy in patches]
+            if given != own:
+                raise ValueError(f"patches: {len(given)} image patches given, but the model puts {len(own)} image "
+                                 f"tokens on this image{'' if len(given) != len(own) else ' in another order'} "
+                                 "(was the example made by another model or from another image?)")
+        sequence, _ = self._without_end_token(self.generate(inputs))
+        prompt_len = int(inputs["input_ids"].shape[1])
+        ids = sequence[0].tolist()
+        is_image = np.concatenate([layout.is_image.astype(bool), np.zeros(len(ids) - prompt_len, dtype=bool)])
+        return _Rerun(inputs=self.adapter.full_inputs(self.model, inputs, sequence), prompt_len=prompt_len,
+                      is_image=is_image, tokens=[str(t) for t in self.processor.tokenizer.convert_ids_to_tokens(ids)])
+
+    def _answer_logits(self, run: _Rerun, rows: int = 1) -> torch.Tensor:
+        """float32 (rows, vocab): the logits where the answer starts, of ``rows`` copies of the run (the hooks
+        of the caller may change each copy)."""
+        inputs = {k: v.repeat(rows, *[1] * (v.dim() - 1)) if torch.is_tensor(v) and rows > 1 else v
+                  for k, v in run.inputs.items()}  # batch dim first; Qwen's flat patches repeat per image
+        with torch.no_grad():
+            out = self.model(**inputs, return_dict=True, use_cache=False,
+                             logits_to_keep=len(run.tokens) - run.prompt_len + 1)
+        return out.logits[:, 0].float()
+
+    def _rerun_prediction(self, logits: torch.Tensor, run: _Rerun) -> dict:
+        """A prediction dict (see VL_Model and the comment above) of the logits where the answer starts."""
+        logits = logits.detach().float().cpu()
+        scores = logits.softmax(-1)
+        allowed = torch.ones(len(scores), dtype=torch.bool)
+        allowed[self.adapter.suppressed_token_ids(self.processor, self.model)] = False
+        top = self._top_words(scores, TOP_ANSWERS, allowed)
+        index = int(torch.where(allowed, scores, -1.0).argmax())
+        return {"answer": top[0][0], "score": float(scores[index]), "index": index, "top": top,
+                "logits": logits.numpy(), "scores": scores.numpy(), "tokens": run.tokens}
+
+    def data_setup_batch(self, items) -> list:
+        """Several pairs at once (the extractor's ``--batch-size``; contract: ``VL_Model.data_setup_batch``):
+        answers generated together, records from one forward pass, each the record :meth:`data_setup` writes
+        for that pair alone (app/database/models/_hf_batch.py)."""
+        from app.database.models._hf_batch import data_setup_batch  # noqa: PLC0415 - it imports this module
+        return data_setup_batch(self, items)
 
     def _without_end_token(self, sequence: torch.Tensor):
         """(the sequence without the end token that closed the answer, that token's id or None when
@@ -315,15 +571,66 @@ class Hf(VL_Model):
         and LM head applied to every layer's hidden state at ``position`` (the prompt's last token, which
         predicts the answer's first); per hidden-state layer, the top tokens and their probabilities. The
         last layer's hidden state is already normed: its lens is the model's own output (``final_logits``)."""
-        head, norm = self.model.get_output_embeddings(), self.model.get_decoder().norm
-        tokenizer = self.processor.tokenizer
         lens = []
         with torch.no_grad():
             for layer, states in enumerate(hidden_states):
-                logits = final_logits if layer == len(hidden_states) - 1 else head(norm(states[0, position]))
-                top = logits.float().softmax(-1).topk(LENS_TOP)
-                lens.append([[tokenizer.decode([int(token)]), float(p)] for p, token in zip(top.values, top.indices)])
+                last = layer == len(hidden_states) - 1
+                logits = final_logits if last else self._lens_logits(states[0, position], normed=False)
+                lens.append(self._top_words(logits.float().softmax(-1), LENS_TOP))
         return lens
+
+    def _patch_lens(self, hidden_states, positions) -> list:
+        """The per-patch logit lens: at every hidden-state layer, for every image token (``positions``, in
+        sequence order), the top word of the same final norm and LM head as :meth:`_logit_lens` and its
+        probability: ``[[[word, p], ...per image token], ...per layer]``. At the last layer it is the model's
+        own output distribution at those positions (what it would predict after each image token)."""
+        tokenizer = self.processor.tokenizer
+        positions = torch.as_tensor(np.asarray(positions), dtype=torch.long)
+        lens, words = [], {}
+        with torch.no_grad():
+            for layer, states in enumerate(hidden_states):
+                last = layer == len(hidden_states) - 1
+                best = [self._lens_logits(states[0, chunk.to(states.device)], normed=last).float().softmax(-1).max(-1)
+                        for chunk in positions.split(LENS_CHUNK)]
+                tokens = torch.cat([b.indices for b in best]).tolist()
+                probs = torch.cat([b.values for b in best]).tolist()
+                for token in set(tokens) - set(words):
+                    words[token] = tokenizer.decode([token])
+                lens.append([[words[token], float(p)] for token, p in zip(tokens, probs)])
+        return lens
+
+    def _lens_logits(self, states: torch.Tensor, normed: bool) -> torch.Tensor:
+        """The language model's own head on hidden states ``(..., hidden)``: its final norm (unless the states
+        are ``normed``: the last hidden-state layer already is), the LM head, and the final logit
+        soft-capping where the text model has one (Gemma 2), as its forward pass applies them."""
+        states = states if normed else self.model.get_decoder().norm(states)
+        logits = self.model.get_output_embeddings()(states)
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _top_words(self, probs: torch.Tensor, k: int, allowed=None) -> list:
+        """``[[word, p], ...]``: the ``k`` most probable tokens of ``probs`` (vocab,), decoded; with ``allowed``
+        (a bool mask over the vocabulary), only those tokens."""
+        candidates = probs if allowed is None else torch.where(allowed, probs, -1.0)
+        top = candidates.topk(k)
+        return [[self.processor.tokenizer.decode([int(token)]), float(probs[token])] for token in top.indices]
+
+    def _relevancy(self, out, attention: np.ndarray, ids: list, prompt_len: int) -> np.ndarray:
+        """Chefer et al.'s gradient relevancy of every generated token, (n, n) float32, rows = queries.
+
+        Row ``q`` (the prompt's last token through the last-but-one position) is the relevancy map of the
+        token the model generated from position ``q``: :func:`~app.database.analysis.gradient_relevancy` of
+        that token's logit at ``q``, through the attentions of the one forward pass over prompt + answer
+        (``out``, computed with gradients; ``attention``: its stacked attentions). The other rows are zero:
+        those queries generated no stored token (the prompt's earlier positions predict nothing, the last
+        position only the end token, which is not stored). One backward pass per generated token."""
+        n = len(ids)
+        relevancy = np.zeros((n, n), dtype=np.float32)
+        for offset, query in enumerate(range(prompt_len - 1, n - 1)):
+            target = out.logits[0, offset, ids[query + 1]]  # out.logits starts at the prompt's last position
+            gradients = torch.autograd.grad(target, out.attentions, retain_graph=True)
+            relevancy[query] = gradient_relevancy(attention, _stacked(gradients))[query]
+        return relevancy
 
     @staticmethod
     def _score(logits: torch.Tensor, answer_ids: list, end_token) -> float:

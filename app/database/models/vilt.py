@@ -30,7 +30,6 @@ patches, and samples a subset when ``config.max_image_length`` is positive) and 
 does with ``image_embeds``), and uses the returned ``patch_index`` to know the real patch of every
 image token. The tokens, attention and hidden states are then permuted into row-major order.
 """
-import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from transformers import (
 )
 
 from app.database.analysis import gradient_relevancy
+from app.database.models._interventions import TOP_ANSWERS, heads_by_layer, hooked, zeroing_heads
 from app.database.models.vl_model import VL_Model, pixels_to_image, same_answer
 
 HEADS = {
@@ -59,25 +59,6 @@ IMAGE_CLS = "[CLS]"
 RELEVANCY_HEADS = ("ViltForQuestionAnswering", "ViltForImageAndTextRetrieval")  # a score to explain
 HINT_KEY = "vl_interpret_hint"  # optional config.json key: what images the checkpoint expects
 CUT_TEXT_CHARS = 200  # how much of a cut text the note quotes
-
-
-TOP_ANSWERS = 5  # answers listed in a re-run's prediction
-
-
-@contextlib.contextmanager
-def _hooked(hooks):
-    """Register ``[(module, "pre" | "post", function), ...]`` as forward (pre-)hooks for the ``with``
-    block only: hooks are global state of the shared model, so every one is removed on the way out,
-    also when the block (or a registration) raises."""
-    handles = []
-    try:
-        for module, kind, function in hooks:
-            handles.append(module.register_forward_pre_hook(function) if kind == "pre"
-                           else module.register_forward_hook(function))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -317,23 +298,14 @@ class Vilt(VL_Model):
             return self._rerun_prediction(self._logits(run)[0], run)
 
     def ablate(self, image, text: str, heads, patches=None) -> dict:
-        by_layer = self._heads_by_layer(heads)
+        by_layer = heads_by_layer(heads, int(self.config.num_hidden_layers), int(self.config.num_attention_heads))
         head_dim = int(self.config.hidden_size) // int(self.config.num_attention_heads)
-
-        def zero_heads(zeroed):
-            def hook(_module, args):
-                # the input of attention.output.dense is the heads' contexts side by side: (batch, n, heads*dim)
-                context = args[0].clone()
-                for head in zeroed:
-                    context[..., head * head_dim:(head + 1) * head_dim] = 0
-                return (context, *args[1:])
-            return hook
-
-        hooks = [(self.vilt.encoder.layer[layer].attention.output.dense, "pre", zero_heads(zeroed))
+        # the input of attention.output.dense is the heads' contexts side by side: (batch, n, heads*dim)
+        hooks = [(self.vilt.encoder.layer[layer].attention.output.dense, "pre", zeroing_heads(zeroed, head_dim))
                  for layer, zeroed in by_layer.items()]
         with self._lock:
             run = self._rerun(image, text, patches)
-            with _hooked(hooks):
+            with hooked(hooks):
                 logits = self._logits(run)
             return self._rerun_prediction(logits[0], run)
 
@@ -380,23 +352,10 @@ class Vilt(VL_Model):
                         hidden[row, positions] = clean_state[positions]
                     return (hidden, *output[1:])
 
-                with _hooked([(module, "post", patch_in)]):
+                with hooked([(module, "post", patch_in)]):
                     logits = self._logits(target, target.pixel_mask.repeat(len(columns), 1))
                 patched[layer] = logits[:, answer].float().cpu().numpy()
             return {"clean": clean_prediction, "corrupted": corrupted_prediction, "patched": patched}
-
-    def _heads_by_layer(self, heads) -> dict:
-        """{layer: [heads]} of ``[(layer, head), ...]``, each checked against the model's size."""
-        n_layers, n_heads = int(self.config.num_hidden_layers), int(self.config.num_attention_heads)
-        by_layer = {}
-        for pair in heads:
-            layer, head = pair
-            if not (isinstance(layer, (int, np.integer)) and isinstance(head, (int, np.integer))
-                    and 0 <= layer < n_layers and 0 <= head < n_heads):
-                raise ValueError(f"heads: ({layer!r}, {head!r}) is not a (layer, head) pair of this model "
-                                 f"({n_layers} layers x {n_heads} heads, 0-based)")
-            by_layer.setdefault(int(layer), set()).add(int(head))
-        return {layer: sorted(zeroed) for layer, zeroed in sorted(by_layer.items())}
 
     def _rerun(self, image, text: str, patches=None) -> _Rerun:
         """The inputs for ``image`` and ``text``: every valid patch embedded (no sampling), then the image

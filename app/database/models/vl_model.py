@@ -81,6 +81,27 @@ class VL_Model(abc.ABC):  # noqa: N801 - the name users' existing classes subcla
         ``generated`` and ``special`` (README, "The database format").
         """
 
+    def data_setup_batch(self, items) -> list:
+        """Run the model on several pairs at once: the extractor's ``--batch-size``.
+
+        ``items``: a list of ``(ex_id, image_location, input_text)`` or ``(ex_id, image_location,
+        input_text, label)`` tuples (``label``: the expected answer or None), as :meth:`data_setup` takes them.
+        Returns one entry per item, in order: the record :meth:`data_setup` would return for that pair
+        run alone (``label`` given to a data_setup that accepts it), or the exception that pair raised,
+        so that one bad pair fails alone and never loses the others. :func:`run_data_setup_batch`
+        finishes the records as :func:`run_data_setup` does (``ex_id``, ``label``, ``accuracy``).
+
+        This default runs the pairs one by one, so every model supports the option; a model overrides
+        it to run them as one batch (``Hf`` does), with records equal to those of the pairs run alone.
+        """
+        results = []
+        for item in items:
+            try:
+                results.append(_call_data_setup(self, *batch_item(item)))
+            except Exception as e:  # noqa: BLE001 - that pair's own failure, returned in its place
+                results.append(e)
+        return results
+
     def dimensions(self) -> Optional[tuple[int, int, int]]:
         """``(n_layers, n_heads, hidden_size)`` of the records this model writes, or None when unknown.
 
@@ -147,10 +168,51 @@ def run_data_setup(model: VL_Model, ex_id: int, image_location: str, input_text:
     whitespace ignored). ``record["ex_id"]`` is set to ``ex_id``. The record is *not* validated
     here: ``VliLmdb.add_record`` does that.
     """
+    return _finished(model, _call_data_setup(model, ex_id, image_location, input_text, label), ex_id, label)
+
+
+def run_data_setup_batch(model: VL_Model, items) -> list:
+    """:func:`run_data_setup` for several pairs through ``model.data_setup_batch`` (see its contract):
+    per item, in order, the finished record or the exception of that pair.
+
+    A ``data_setup_batch`` that raises has failed as a whole (out of memory, a pair it did not isolate):
+    every pair is then run alone, so that only the bad ones fail. One that returns another number of
+    entries is broken: every pair gets that TypeError.
+    """
+    items = [batch_item(item) for item in items]
+    try:
+        results = list(model.data_setup_batch(items))
+    except Exception:  # noqa: BLE001 - the batch failed as a whole: the default runs the pairs alone
+        results = VL_Model.data_setup_batch(model, items)
+    if len(results) != len(items):
+        broken = TypeError(f"{type(model).__name__}.data_setup_batch returned {len(results)} entries for "
+                           f"{len(items)} pairs")
+        return [broken] * len(items)
+    finished = []
+    for (ex_id, _image, _text, label), result in zip(items, results):
+        try:
+            finished.append(result if isinstance(result, BaseException) else _finished(model, result, ex_id, label))
+        except Exception as e:  # noqa: BLE001 - not a record: that pair fails
+            finished.append(e)
+    return finished
+
+
+def batch_item(item) -> tuple:
+    """``(ex_id, image_location, input_text, label)`` of one item of :meth:`VL_Model.data_setup_batch`."""
+    if not isinstance(item, (tuple, list)) or len(item) not in (3, 4):
+        raise ValueError(f"data_setup_batch: expected items (ex_id, image_location, text[, label]), got {item!r}")
+    return (*item, None) if len(item) == 3 else tuple(item)
+
+
+def _call_data_setup(model: VL_Model, ex_id: int, image_location: str, input_text: str, label):
     if label is not None and _accepts_label(model.data_setup):
-        record = model.data_setup(ex_id, image_location, input_text, label=label)
-    else:
-        record = model.data_setup(ex_id, image_location, input_text)
+        return model.data_setup(ex_id, image_location, input_text, label=label)
+    return model.data_setup(ex_id, image_location, input_text)
+
+
+def _finished(model: VL_Model, record, ex_id: int, label) -> dict:
+    """``record`` as :func:`run_data_setup` returns it: checked to be a dict, ``ex_id`` set, the label
+    and accuracy filled in for models that do not take the label themselves."""
     if not isinstance(record, dict):
         raise TypeError(f"{type(model).__name__}.data_setup returned {type(record).__name__}, not a dict")
     record["ex_id"] = int(ex_id)
