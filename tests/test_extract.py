@@ -236,3 +236,25 @@ def test_device_option_reaches_the_model(ckpt, tmp_path, capsys):
     assert main(["-m", "vilt", ckpt, "--pairs", str(pairs), "--out", str(tmp_path / "db2"), "--device", "nodevice",
                  "--no-progress"]) == 2
     assert "error: cannot load model Vilt" in capsys.readouterr().err
+
+
+def test_vilt_with_a_batch_size_runs_the_default_loop(ckpt, tmp_path, capsys):
+    """ViLT has no batching of its own: --batch-size 3 runs its pairs one by one, with what batch size 1 stores."""
+    pairs = write_pairs(tmp_path, MIXED)
+    for out, extra in (("one", []), ("three", ["--batch-size", "3"])):
+        assert main(["-m", "vilt", ckpt, "--pairs", str(pairs), "--out", str(tmp_path / out), "--no-progress",
+                     *extra]) == 1
+        assert "3 added, 0 already in the database, 3 failed" in capsys.readouterr().err
+    one, three = VliLmdb(tmp_path / "one"), VliLmdb(tmp_path / "three")
+    try:
+        assert one.example_ids() == three.example_ids() == [0, 1, 6]
+        for ex_id in one.example_ids():
+            assert three.example(ex_id).tokens == one.example(ex_id).tokens
+            assert three.example(ex_id).prediction == one.example(ex_id).prediction
+            for layer in range(one.n_layers):
+                # one float16 step: ViLT's patch shuffle (undone) may change the order of the sums
+                np.testing.assert_allclose(three.attention_matrix(ex_id, layer, 0),
+                                           one.attention_matrix(ex_id, layer, 0), rtol=2.0 ** -10, atol=2.0 ** -14)
+    finally:
+        one.close()
+        three.close()

@@ -43,10 +43,21 @@ totals) before exiting. A gloo process group would do the same with collectives,
 threads sometimes abort the process at exit ("terminate called without an active exception") after
 all the work is done, which torchrun reports as a failed run.
 
-No ``--batch-size`` and no ``--dtype``: the model API (``VL_Model.data_setup``) runs one pair at a
-time, and batching ViLT pads text and images to a common size, which changes the floating-point
-sums (so the stored values) of every example; bf16 or fp16 compute moves attention and hidden states
-by more than the float16 they are stored in, so the records would not be those of an fp32 run.
+``--batch-size N`` (default 1: one pair at a time) hands the pairs to the model ``N`` at a time
+(``VL_Model.data_setup_batch``: one record or one exception per pair, so a bad pair still fails alone);
+skipped, failed and resumed lines, torchrun shards and the report are the same as with 1. Only a model
+that batches on its own gains: ``-m hf`` generates a batch's answers together (left-padded) and takes
+every record from one forward pass, each record being that of the pair run alone
+(app/database/models/_hf_batch.py). Any other model, the ViLT adapter included, runs the pairs one by
+one. The ViLT adapter keeps that loop: in a ViLT batch the images are padded to a common size and
+``visual_embed`` draws padding patches (masked) into every shorter image's sequence, so each record would
+have to drop them, its float sums would run over other lengths, and the gradient relevancy it stores
+would need every pair's score backpropagated through the whole batch; one pair at a time, a ViLT record
+is exactly what the app writes for that pair.
+
+No ``--dtype``: half precision is the model's option (``-m hf CKPT dtype=bfloat16``), since bf16 or fp16
+compute moves attention and hidden states by more than the float16 they are stored in, so such records
+are not those of an fp32 run.
 """
 from __future__ import annotations
 
@@ -61,6 +72,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from app.database.models import ModelLoadError, load_model, run_data_setup
+from app.database.models.vl_model import run_data_setup_batch
 
 RUNS_FILE = "extract_runs.json"
 SHARD_NAME = "shard-{rank:05d}-of-{world:05d}"
@@ -206,9 +218,12 @@ def sharded_first_id(pairs_path: str, out: str, requested: Optional[int], n_line
 
 
 def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, progress: bool = True,
-            log=None, rank: int = 0, world: int = 1) -> ExtractReport:
+            log=None, rank: int = 0, world: int = 1, batch_size: int = 1) -> ExtractReport:
     """Run ``model`` on every line of ``pairs_path`` into ``db`` (see the module docstring); with
-    ``world`` > 1, only the lines ``k`` with ``(k - 1) % world == rank`` (a torchrun shard)."""
+    ``world`` > 1, only the lines ``k`` with ``(k - 1) % world == rank`` (a torchrun shard); with
+    ``batch_size`` > 1, the pairs to run go to ``model.data_setup_batch`` that many at a time."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size {batch_size!r}: expected a positive integer")
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     with open(pairs_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
@@ -233,6 +248,29 @@ def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, p
     mine = [(number, line) for number, line in enumerate(lines, start=1) if (number - 1) % world == rank]
     desc = "extracting" if world == 1 else f"extracting (rank {rank} of {world})"
     bar = tqdm(mine, desc=desc, unit="pair", disable=not progress)
+    queued = []  # (line number, ex_id, pair) waiting for the model, at most batch_size
+
+    def fail(number: int, e: Exception) -> None:
+        message = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, (PairError, ValueError, OSError)):
+            message = f"{type(e).__name__}: {message}"
+        report.failed[number] = message
+        log(f"{pairs_path}:{number}: {message}")
+
+    def run_queued() -> None:
+        for (number, ex_id, _pair), result in zip(queued, _run_model(model, queued, batch_size)):
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                stored = db.add_record(result)
+                report.added.append(ex_id if stored is None else int(stored))
+                existing.add(ex_id)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - one bad line never loses the others
+                fail(number, e)
+        queued.clear()
+
     for number, line in bar:
         if not line.strip():
             continue
@@ -246,20 +284,30 @@ def extract(model, pairs_path: str, db, out: str, first_id: int | None = None, p
                 raise PairError(f"example {ex_id} is already in the database with another text")
             if ex_id in pending:
                 raise PairError(f"example {ex_id} is a pending record of this database (run preprocess())")
-            record = run_data_setup(model, ex_id, pair["image"], pair["text"], label=pair["label"])
-            stored = db.add_record(record)
-            report.added.append(ex_id if stored is None else int(stored))
-            existing.add(ex_id)
+            queued.append((number, ex_id, pair))
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - one bad line never loses the others
-            message = " ".join(str(e).split()) or type(e).__name__
-            if not isinstance(e, (PairError, ValueError, OSError)):
-                message = f"{type(e).__name__}: {message}"
-            report.failed[number] = message
-            log(f"{pairs_path}:{number}: {message}")
+            fail(number, e)
+        if len(queued) == batch_size:
+            run_queued()
+    if queued:
+        run_queued()
     bar.close()
     return report
+
+
+def _run_model(model, queued: list, batch_size: int) -> list:
+    """The model's record (or exception) for each queued ``(line number, ex_id, pair)``: one pair through
+    ``run_data_setup`` with ``--batch-size 1`` (as always), else ``model.data_setup_batch``."""
+    if batch_size == 1:
+        (_number, ex_id, pair), = queued
+        try:
+            return [run_data_setup(model, ex_id, pair["image"], pair["text"], label=pair["label"])]
+        except Exception as e:  # noqa: BLE001 - reported for its line
+            return [e]
+    return run_data_setup_batch(model, [(ex_id, pair["image"], pair["text"], pair["label"])
+                                        for _number, ex_id, pair in queued])
 
 
 def main(argv=None, prog: str = "python -m app.database.extract") -> int:
@@ -277,6 +325,9 @@ def main(argv=None, prog: str = "python -m app.database.extract") -> int:
     parser.add_argument("--device", default=None,
                         help="torch device, passed as the model's last parameter (vilt: its DEVICE); "
                              "under torchrun 'cuda' means cuda:LOCAL_RANK")
+    parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                        help="pairs run by the model at once (default 1: one at a time); a model without "
+                             "batching of its own (vilt) still runs them one by one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)
 
@@ -291,6 +342,12 @@ def main(argv=None, prog: str = "python -m app.database.extract") -> int:
     if launch is None:
         return _extract_into(args, args.out, args.first_id, None)[0]
     return _run_rank(args, launch, _rank_store())
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _rank_store():
@@ -354,7 +411,8 @@ def _extract_into(args, out: str, first_id: Optional[int], launch: Optional[Laun
     try:
         report = extract(model, args.pairs, db, out, first_id=first_id,
                          progress=not args.no_progress and (launch is None or launch.local_rank == 0),
-                         rank=0 if launch is None else launch.rank, world=1 if launch is None else launch.world)
+                         rank=0 if launch is None else launch.rank, world=1 if launch is None else launch.world,
+                         batch_size=args.batch_size)
     except KeyboardInterrupt:
         print(f"\n{who}interrupted: every finished line is stored; run the same command again to resume",
               file=sys.stderr)
