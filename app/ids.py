@@ -117,6 +117,12 @@ IV_CORRUPTED = "iv-corrupted"  # dropdown: the corrupted example of activation p
 IV_PATCH = "iv-patch"  # button: run activation patching
 IV_PATCH_GRAPH = "iv-patch-graph"  # the layers x positions heatmap
 IV_PATCHING = "iv-patching"  # the clean and corrupted answers, or why patching was refused
+IV_ABLATION_RUN = "iv-ablation-run"  # store: {"ex", "heads": IV_HEADS values} of the ablation shown
+IV_CURVE_RUN = "iv-curve-run"  # store: {"ex", "method"} of the deletion curve shown
+IV_MASK_RUN = "iv-mask-run"  # store: {"ex", "tokens"} of the patch removal shown (SEL_STORE's form)
+IV_PATCHING_RUN = "iv-patching-run"  # store: {"ex", "corrupted"} of the activation patching shown
+IV_SAVE_NOTE = "iv-save-note"  # button: save the results shown as notes on the example
+IV_SAVE_STATUS = "iv-save-status"  # what was saved, or why not
 # Downloads (app/export.py): one dcc.Download for every export, and the buttons that fill it.
 DOWNLOAD = "download"
 EXPORT_REPORT = "export-report"  # the example's one-file HTML report

@@ -25,6 +25,7 @@ FRACTIONS = tuple(round(0.1 * i, 1) for i in range(10))  # of the patches remove
 METHODS = ("attention", "rollout", "relevancy")  # the attention panel's methods (app.panels.tokens.METHODS)
 QUERY = 0  # the first text token, [CLS]: what ViLT's pooler (and so its answer) reads
 CACHE_SIZE = 128  # results kept (each a few predictions)
+MAX_NAMED_PATCHES = 24  # a note names at most this many removed patches, then counts the rest
 
 
 class InterventionError(ValueError):
@@ -202,3 +203,56 @@ class Interventions:
             return Patching(clean, corrupted, tuple(names), difference, recovered, clean_prediction,
                             corrupted_prediction)
         return self._cached(("patching", clean, corrupted), compute)
+
+
+# ----------------------------------------------------------------------------- notes
+# What "Save as note" stores with the example: one line per result, self-contained (the model's settings
+# are in the line), the numbers as the panel shows them.
+
+def _answer(prediction: dict) -> str:
+    return f"'{prediction['answer']}' ({prediction['score']:.3f})"
+
+
+def _changed(before: dict, after: dict) -> str:
+    """"changed the answer from 'red' (0.612) to 'blue' (0.455)", or "kept the answer 'red' (0.612 → 0.590)"."""
+    if after["answer"] != before["answer"]:
+        return f"changed the answer from {_answer(before)} to {_answer(after)}"
+    return f"kept the answer '{before['answer']}' ({before['score']:.3f} → {after['score']:.3f})"
+
+
+def ablation_note(zeroed: str, before: dict, after: dict) -> str:
+    """The note of a head ablation; ``zeroed`` says which heads ("layer 2 (all heads), layer 3 head 1")."""
+    return f"Head ablation: zeroing {zeroed} {_changed(before, after)}."
+
+
+def masking_note(info, tokens, before: dict, after: dict) -> str:
+    """The note of removing the image patches at token positions ``tokens`` (named by their (x, y))."""
+    cells = [info.coords[t] for t in sorted(tokens)]
+    named = ", ".join(f"({x}, {y})" for x, y in cells[:MAX_NAMED_PATCHES])
+    more = f" and {len(cells) - MAX_NAMED_PATCHES} more" if len(cells) > MAX_NAMED_PATCHES else ""
+    return (f"Patch removal: removing {len(cells)} patch{'es' if len(cells) > 1 else ''} (x, y: {named}{more}) "
+            f"{_changed(before, after)}.")
+
+
+def deletion_note(curve: DeletionCurve) -> str:
+    """The note of a deletion curve: the original answer's score at each fraction removed."""
+    points = ", ".join(f"{100 * f:.0f} % {s:.3f}" for f, s in zip(curve.fractions, curve.scores))
+    return (f"Deletion curve ({curve.method}, most relevant patches first): the score of "
+            f"'{curve.original['answer']}' with {points}; with {100 * curve.fractions[-1]:.0f} % removed the "
+            f"answer is '{curve.answers[-1]}'.")
+
+
+def patching_note(result: Patching, n_cells: int = 3) -> str:
+    """The note of activation patching: the two answers, the clean margin and the ``n_cells`` layer ×
+    position cells that recover the most of the clean answer's logit."""
+    clean, bad = result.clean_prediction, result.corrupted_prediction
+    margin = float(clean["logits"][clean["index"]] - bad["logits"][clean["index"]])
+    flat = np.argsort(-result.difference, axis=None, kind="stable")[:n_cells]
+    cells = []
+    for layer, column in zip(*np.unravel_index(flat, result.difference.shape)):
+        share = "" if result.recovered is None else f", {100 * result.recovered[layer, column]:.0f} %"
+        cells.append(f"layer {layer + 1} at {result.columns[column]} ({result.difference[layer, column]:+.3f}"
+                     f"{share})")
+    return (f"Activation patching from this example ('{clean['answer']}') into example {result.corrupted} "
+            f"('{bad['answer']}'): the logit of '{clean['answer']}' is {margin:+.3f} higher in the clean run; "
+            f"patched in, the most is recovered by {'; '.join(cells)}.")

@@ -403,3 +403,11 @@ def test_the_interventions_panel_runs_the_decoder(llava, tmp_path, request):
         f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": 1})
     assert status == 200
     assert response[ids.IV_PATCH_GRAPH]["figure"]["data"][0]["y"] == ["layer 1", "layer 2"]
+    runs = {f"{ids.IV_PATCHING_RUN}.data": response[ids.IV_PATCHING_RUN]["data"],
+            f"{ids.IV_CURVE_RUN}.data": {"ex": 0, "method": "relevancy"}}
+    status, response = page.post(f"{ids.IV_SAVE_STATUS}.children", f"{ids.IV_SAVE_NOTE}.n_clicks",
+                                 {f"{ids.IV_SAVE_NOTE}.n_clicks": 1, **runs})
+    assert response[ids.IV_SAVE_STATUS]["children"] == "Saved 2 notes with example 0."
+    curve_note, patching_note = db.example(0).notes[-2:]
+    assert f"the score of '{curve.original['answer']}' with 0 % {curve.scores[0]:.3f}" in curve_note
+    assert "Activation patching from this example" in patching_note and "into example 1" in patching_note

@@ -282,3 +282,26 @@ def test_activation_patching_figure():
     assert trace.text[0][1] == "layer 1, all positions: -2.000 (-100 % recovered)"
     with pytest.raises(ValueError, match="expected"):
         figures.activation_patching_figure(difference, ["one"], None, "red")
+
+
+def test_the_notes_say_what_the_runs_found():
+    from app.interventions import DeletionCurve, Patching, ablation_note, deletion_note, patching_note
+
+    red = {"answer": "red", "score": 0.6123, "index": 0, "logits": np.array([2.0, 0.5])}
+    blue = {"answer": "blue", "score": 0.4551, "index": 1, "logits": np.array([0.25, 1.0])}
+    assert ablation_note("layer 2 (all heads)", red, blue) == \
+        "Head ablation: zeroing layer 2 (all heads) changed the answer from 'red' (0.612) to 'blue' (0.455)."
+    assert ablation_note("layer 1 head 2", red, {**red, "score": 0.59}) == \
+        "Head ablation: zeroing layer 1 head 2 kept the answer 'red' (0.612 → 0.590)."
+    curve = DeletionCurve("relevancy", (0.0, 0.5), (0, 4), (0.6123, 0.1), ("red", "blue"), red)
+    assert deletion_note(curve) == ("Deletion curve (relevancy, most relevant patches first): the score of 'red' "
+                                    "with 0 % 0.612, 50 % 0.100; with 50 % removed the answer is 'blue'.")
+    difference = np.array([[0.1, 1.5, -2.0], [0.2, 0.9, 1.75]], dtype=np.float32)
+    margin = 2.0 - 0.25
+    result = Patching(0, 3, ("1 what", "all patches", "all positions"), difference, difference / margin, red, blue)
+    top = np.argsort(-difference.ravel())[:3]  # the cells that recover the most
+    assert [divmod(int(i), 3) for i in top] == [(1, 2), (0, 1), (1, 1)]
+    assert patching_note(result) == (
+        "Activation patching from this example ('red') into example 3 ('blue'): the logit of 'red' is +1.750 "
+        "higher in the clean run; patched in, the most is recovered by layer 2 at all positions (+1.750, 100 %); "
+        "layer 1 at all patches (+1.500, 86 %); layer 2 at all patches (+0.900, 51 %).")

@@ -195,3 +195,94 @@ def test_activation_patching_refuses_other_token_counts(page):
         status, _ = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
             f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": corrupted})
         assert status == NO_UPDATE
+
+
+def save(page, values):
+    return page.post(f"{ids.IV_SAVE_STATUS}.children", f"{ids.IV_SAVE_NOTE}.n_clicks",
+                     {f"{ids.IV_SAVE_NOTE}.n_clicks": 1, **values})
+
+
+def stored_values(db):
+    """Every value of every table but the examples' descriptions (``info``), as bytes."""
+    values = {}
+    with db._read() as txn:
+        for name, table in db._dbs.items():
+            if name != "info" and table is not None:
+                values[name] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=table)]
+    return values
+
+
+def test_the_results_shown_are_saved_as_notes(page, vilt, records):
+    db = page.db
+    before_values, before_info = stored_values(db), db.example(0)
+    runs = {}
+    _, response = page.post(f"{ids.IV_ABLATION}.children", f"{ids.IV_ABLATE}.n_clicks", {
+        f"{ids.IV_ABLATE}.n_clicks": 1, f"{ids.IV_USE_SELECTED}.value": [], f"{ids.IV_HEADS}.value": ["1-all", "0-2"]})
+    runs[ids.IV_ABLATION_RUN] = response[ids.IV_ABLATION_RUN]["data"]
+    assert runs[ids.IV_ABLATION_RUN] == {"ex": 0, "heads": ["0-2", "1-0", "1-1", "1-2", "1-3"]}
+    _, response = page.post(f"{ids.IV_DELETION_GRAPH}.figure", f"{ids.IV_DELETION}.n_clicks", {
+        f"{ids.IV_DELETION}.n_clicks": 1, f"{ids.ATT_METHOD}.value": "rollout"})
+    runs[ids.IV_CURVE_RUN] = response[ids.IV_CURVE_RUN]["data"]
+    scores = response[ids.IV_DELETION_GRAPH]["figure"]["data"][0]["y"]
+    _, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
+        f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": 1})
+    runs[ids.IV_PATCHING_RUN] = response[ids.IV_PATCHING_RUN]["data"]
+    status, response = save(page, {f"{store}.data": value for store, value in runs.items()})
+    assert status == 200 and response[ids.IV_SAVE_STATUS]["children"] == "Saved 3 notes with example 0."
+    notes = db.example(0).notes
+    assert len(notes) == len(before_info.notes) + 3
+    ablation, curve, patching = notes[-3:]
+    record = records[0]
+    heads = [(0, 2)] + [(1, h) for h in range(4)]
+    original = vilt.predict(record["image"], record["text"], patches_of(record))
+    ablated = vilt.ablate(record["image"], record["text"], heads, patches=patches_of(record))
+    assert "Head ablation: zeroing layer 1 head 3, layer 2 (all heads) " in ablation
+    assert f"'{original['answer']}'" in ablation and f"{ablated['score']:.3f}" in ablation
+    assert "Deletion curve (rollout, most relevant patches first)" in curve
+    assert all(f"{100 * f:.0f} % {s:.3f}" in curve for f, s in zip(FRACTIONS, scores))
+    assert "into example 1" in patching
+    assert any("note" in texts(child) and ablation in texts(child) for child in response[ids.PREDICTION]["children"])
+    # the example's data are as they were; only its notes grew
+    assert stored_values(db) == before_values
+    assert db.example(0).tokens == before_info.tokens and db.example(0).prediction == before_info.prediction
+    # saving the same results again adds nothing
+    status, response = save(page, {f"{store}.data": value for store, value in runs.items()})
+    assert response[ids.IV_SAVE_STATUS]["children"] == "The results shown are saved already."
+    assert len(db.example(0).notes) == len(notes)
+
+
+def test_saving_removed_patches_names_them(page, records):
+    txt_len = records[0]["txt_len"]
+    _, response = page.post(f"{ids.IV_DELETION_GRAPH}.figure", f"{ids.IV_MASK}.n_clicks", {
+        f"{ids.IV_MASK}.n_clicks": 1, f"{ids.SEL_STORE}.data": {"ex": 0, "tokens": [txt_len + 3, txt_len + 2]}})
+    mask = response[ids.IV_MASK_RUN]["data"]
+    status, _ = save(page, {f"{ids.IV_MASK_RUN}.data": mask})
+    cells = [page.db.example(0).coords[t] for t in (txt_len + 2, txt_len + 3)]
+    assert f"removing 2 patches (x, y: ({cells[0][0]}, {cells[0][1]}), ({cells[1][0]}, {cells[1][1]}))" \
+        in page.db.example(0).notes[-1]
+
+
+def test_nothing_to_save_says_so(page):
+    status, response = save(page, {})
+    assert status == 200 and "nothing to save" in response[ids.IV_SAVE_STATUS]["children"]
+    # a run shown for another example is not this one's
+    status, response = save(page, {f"{ids.IV_CURVE_RUN}.data": {"ex": 1, "method": "rollout"}})
+    assert "nothing to save" in response[ids.IV_SAVE_STATUS]["children"]
+    assert page.db.example(0).notes == ()
+
+
+@pytest.mark.parametrize("values", [
+    {f"{ids.IV_ABLATION_RUN}.data": {"ex": 0, "heads": ["9-0"]}},
+    {f"{ids.IV_ABLATION_RUN}.data": {"ex": 0, "heads": []}},
+    {f"{ids.IV_ABLATION_RUN}.data": {"ex": 0, "heads": ["0-1"], "note": "forged"}},
+    {f"{ids.IV_CURVE_RUN}.data": {"ex": 0, "method": "saliency"}},
+    {f"{ids.IV_MASK_RUN}.data": {"ex": 0, "tokens": [10 ** 6]}},
+    {f"{ids.IV_MASK_RUN}.data": {"ex": 0, "tokens": [1]}},
+    {f"{ids.IV_PATCHING_RUN}.data": {"ex": 0, "corrupted": 0}},
+    {f"{ids.IV_PATCHING_RUN}.data": {"ex": 0, "corrupted": 9}},
+    {f"{ids.IV_PATCHING_RUN}.data": "forged"},
+])
+def test_saving_refuses_crafted_runs(page, values):
+    status, _ = save(page, values)
+    assert status == NO_UPDATE
+    assert page.db.example(0).notes == ()

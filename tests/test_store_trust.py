@@ -243,3 +243,43 @@ def test_a_database_on_a_read_only_filesystem_opens_for_browsing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "on read-only media (10,)"
     assert "read-only filesystem" in result.stderr and "opened without LMDB's lock" in result.stderr
+
+
+def _tables(db, skip=("info",)):
+    with db._read() as txn:
+        return {name: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=table)]
+                for name, table in db._dbs.items() if table is not None and name not in skip}
+
+
+def test_notes_are_added_in_one_transaction_that_changes_nothing_else(tmp_path):
+    db, _ = make_db(tmp_path / "db", [make_record(0, notes=["from the record"]), make_record(1)])
+    before, other = _tables(db), db.example(1)
+    info = db.add_notes(0, ["  ablation: 'red' (0.612) to 'blue' (0.455) ", "patching"])
+    assert info.notes == ("from the record", "ablation: 'red' (0.612) to 'blue' (0.455)", "patching")
+    assert db.example(0).notes == info.notes  # the cached description was replaced
+    assert _tables(db) == before
+    assert db.example(1).notes == other.notes and db.example(0).tokens == other.tokens
+    db.close()
+    with VliLmdb(tmp_path / "db") as reopened:
+        assert reopened.example(0).notes == info.notes
+        with pytest.raises(DatabaseError, match="read-only"):
+            reopened.add_notes(0, ["x"])
+        with VliLmdb(tmp_path / "merged", read_only=False) as merged:  # notes travel with a merged example
+            merged.import_example(reopened, 0)
+            assert merged.example(0).notes == info.notes
+
+
+@pytest.mark.parametrize("notes, message", [
+    ("a str", "expected a list of non-empty str"), ([""], "non-empty"), (["ok", 3], "non-empty"),
+    (["x" * 1001], "1,001 characters long; at most 1,000"), (["n"] * 200, "has 1 notes; at most 200"),
+])
+def test_bad_notes_are_refused_and_nothing_is_written(tmp_path, notes, message):
+    db, _ = make_db(tmp_path / "db", [make_record(0, notes=["kept"])])
+    before = _tables(db, skip=())
+    with pytest.raises(store.RecordError, match=message) as error:
+        db.add_notes(0, notes)
+    assert "example 0, field 'notes'" in str(error.value)
+    assert _tables(db, skip=()) == before and db.example(0).notes == ("kept",)
+    with pytest.raises(KeyError, match="example 5"):
+        db.add_notes(5, ["x"])
+    db.close()

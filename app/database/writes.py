@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from app.database import analyses, neighbors
 from app.database.checksum import CHECKSUM_BYTES, open_value, seal_value
 from app.database.keys import example_key, hidden_array, is_text_of, layer_key, source_hash
-from app.database.reads import Reads
-from app.database.records import RecordError
+from app.database.reads import ExampleInfo, Reads
+from app.database.records import MAX_NOTE_CHARS, RecordError
 
-__all__ = ["Writes", "ExampleShape", "PreparedExample"]
+__all__ = ["Writes", "ExampleShape", "PreparedExample", "MAX_NOTES"]
+
+MAX_NOTES = 200  # per example: its description is read whenever it is opened
 
 
 @dataclass
@@ -92,6 +94,31 @@ class Writes(Reads):
                     pending_txn.abort()
             self._put_meta(txn, "next_id", ex_id + 1)
             return ex_id
+
+    def add_notes(self, ex_id: int, notes: Sequence[str]) -> ExampleInfo:
+        """Append ``notes`` to example ``ex_id``'s (shown with the example and in its report), all in one
+        write transaction that changes nothing else; return the updated description. For results that
+        belong with the example but are not part of it (interventions' outcomes). KeyError when absent;
+        RecordError (naming the example and the field ``notes``), nothing written, for an empty or too
+        long note, or too many."""
+        ex_id = int(ex_id)
+        if isinstance(notes, str) or not all(isinstance(note, str) and note.strip() for note in notes):
+            raise RecordError(ex_id, "notes", "expected a list of non-empty str")
+        notes = [note.strip() for note in notes]
+        for note in notes:
+            if len(note) > MAX_NOTE_CHARS:
+                raise RecordError(ex_id, "notes", f"a note is {len(note):,} characters long; at most "
+                                  f"{MAX_NOTE_CHARS:,} are stored")
+        with self._write() as txn:
+            info = json.loads(bytes(self._get(txn, "info", example_key(ex_id), ex_id, "description")))
+            if len(info["notes"]) + len(notes) > MAX_NOTES:
+                raise RecordError(ex_id, "notes", f"the example has {len(info['notes'])} notes; at most "
+                                  f"{MAX_NOTES} are kept")
+            info["notes"] += notes
+            txn.put(example_key(ex_id), seal_value(json.dumps(info).encode()), db=self._dbs["info"])
+        with self._lock:
+            self._cache.pop(ex_id, None)
+        return self.example(ex_id)
 
     def _expected_dims(self) -> Optional[tuple[int, int, int]]:
         dims = (self._meta("n_layers"), self._meta("n_heads"), self._meta("hidden_size"))

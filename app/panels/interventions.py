@@ -8,6 +8,9 @@ what the other views suggest (app.interventions does the runs; this is layout an
 - Activation patching: the current example is the clean run, the one picked here the corrupted run;
   each layer's output at each text token (and at all patches, and everywhere) is patched from the clean
   run into the corrupted one, and the recovered logit of the clean answer is drawn per layer.
+- Save as notes: the results shown, one line each, stored with the example (``db.add_notes``); the
+  example itself never changes. The browser keeps only which runs are shown (the IV_*_RUN stores); the
+  server re-reads their results from its cache (or re-runs them) and writes the lines itself.
 
 Present only when the loaded model re-runs stored examples (``supports_interventions``). The model
 runs only on a button press, in the server process, one run at a time (the model's lock); results
@@ -16,13 +19,18 @@ are cached per example and settings. ``dcc.Loading`` shows that it is running.
 from __future__ import annotations
 
 import re
+from typing import Optional
+from datetime import datetime, timezone
 
 from dash import Input, Output, State, ctx as dctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 from app import figures, ids
-from app.interventions import InterventionError, Interventions
+from app.database.records import RecordError
+from app.interventions import (InterventionError, Interventions, ablation_note, deletion_note, masking_note,
+                               patching_note)
 from app.panels.common import example_info, head_selection, panel, selected_tokens
+from app.panels.example import prediction_children
 from app.panels.tokens import attention_method
 
 USE_SELECTED = "selected"  # IV_USE_SELECTED's value: ablate the head summary's selection
@@ -143,6 +151,14 @@ def layout(ctx):
         ], className="controls"),
         dcc.Loading([dcc.Graph(id=ids.IV_PATCH_GRAPH, className="iv-graph", **graph),
                      html.Div(id=ids.IV_PATCHING, className="iv-result")], **loading),
+        html.Div([
+            html.Button("Save as notes", id=ids.IV_SAVE_NOTE, className="btn",
+                        title="store the results shown above with this example, one note each (shown with the "
+                              "example and in its report); the example's data stay as they are"),
+            html.Span(id=ids.IV_SAVE_STATUS, className="muted", role="status"),
+        ], className="controls iv-save"),
+        *[dcc.Store(id=store) for store in (ids.IV_ABLATION_RUN, ids.IV_CURVE_RUN, ids.IV_MASK_RUN,
+                                            ids.IV_PATCHING_RUN)],
         class_name="interventions",
     ), id=ids.IV_PANEL)
 
@@ -151,32 +167,32 @@ def register_callbacks(app, ctx):
     db = ctx.db
     runs = Interventions(db, ctx.model)
 
-    @app.callback(Output(ids.IV_ABLATION, "children"),
+    @app.callback(Output(ids.IV_ABLATION, "children"), Output(ids.IV_ABLATION_RUN, "data"),
                   Input(ids.IV_ABLATE, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
                   State(ids.IV_USE_SELECTED, "value"), State(ids.IV_HEADS, "value"), State(ids.HEAD_STORE, "data"),
                   prevent_initial_call=True)
     def ablate(_clicks, ex_id, use_selected, values, head_sel):
         if dctx.triggered_id != ids.IV_ABLATE:
-            return None  # another example: the last result is not about it
+            return None, None  # another example: the last result is not about it
         example_info(db, ex_id)
         heads = chosen_heads(db, use_selected, values, head_sel)
         if not heads:
-            return html.Div("Tick the head summary's selection or pick heads to zero.", className="iv-error")
+            return html.Div("Tick the head summary's selection or pick heads to zero.", className="iv-error"), None
         try:
             before, after = runs.original(ex_id), runs.ablation(ex_id, heads)
         except InterventionError as error:
-            return _error(error)
-        return [html.Div(f"Zeroed: {heads_text(heads, db.n_heads)}", className="muted"),
-                comparison(before, after, "heads zeroed")]
+            return _error(error), None
+        return ([html.Div(f"Zeroed: {heads_text(heads, db.n_heads)}", className="muted"),
+                 comparison(before, after, "heads zeroed")], {"ex": ex_id, "heads": [f"{l}-{h}" for l, h in heads]})
 
     @app.callback(Output(ids.IV_DELETION_GRAPH, "figure"), Output(ids.IV_DELETION_GRAPH, "style"),
-                  Output(ids.IV_MASKING, "children"),
+                  Output(ids.IV_MASKING, "children"), Output(ids.IV_CURVE_RUN, "data"), Output(ids.IV_MASK_RUN, "data"),
                   Input(ids.IV_DELETION, "n_clicks"), Input(ids.IV_MASK, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
                   State(ids.ATT_METHOD, "value"), State(ids.SEL_STORE, "data"), prevent_initial_call=True)
     def delete_patches(_curve, _mask, ex_id, method, sel):
         trigger = dctx.triggered_id
         if trigger not in (ids.IV_DELETION, ids.IV_MASK):
-            return no_update, HIDDEN, None
+            return no_update, HIDDEN, None, None, None
         info = example_info(db, ex_id)
         try:
             if trigger == ids.IV_DELETION:
@@ -186,46 +202,108 @@ def register_callbacks(app, ctx):
                 return fig, SHOWN, html.Div(
                     f"Re-run answer '{answer}' ({curve.scores[0]:.3f}); with {100 * curve.fractions[-1]:.0f} % of the "
                     f"patches removed ({curve.removed[-1]}): '{curve.answers[-1]}', '{answer}' "
-                    f"{curve.scores[-1]:.3f}.", className="muted")
+                    f"{curve.scores[-1]:.3f}.", className="muted"), {"ex": ex_id, "method": method}, None
             tokens = selected_tokens(sel, ex_id, info.n_tokens)
             patches = [t for t in tokens if info.coords[t] is not None]
             if not patches:
                 return no_update, no_update, html.Div("Select image patches in the attention panel first (Select: "
-                                                      "image, then click, box or lasso).", className="iv-error")
+                                                      "image, then click, box or lasso).", className="iv-error"), \
+                    no_update, None
             before, after = runs.original(ex_id), runs.masked(ex_id, patches)
         except InterventionError as error:
-            return no_update, no_update, _error(error)
+            return no_update, no_update, _error(error), no_update, None
         return no_update, no_update, [html.Div(f"Removed {len(patches)} patch{'es' if len(patches) > 1 else ''}.",
-                                               className="muted"), comparison(before, after, "patches removed")]
+                                               className="muted"), comparison(before, after, "patches removed")], \
+            no_update, {"ex": ex_id, "tokens": patches}
 
     @app.callback(Output(ids.IV_PATCH_GRAPH, "figure"), Output(ids.IV_PATCH_GRAPH, "style"),
-                  Output(ids.IV_PATCHING, "children"),
+                  Output(ids.IV_PATCHING, "children"), Output(ids.IV_PATCHING_RUN, "data"),
                   Input(ids.IV_PATCH, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
                   State(ids.IV_CORRUPTED, "value"), prevent_initial_call=True)
     def patch_activations(_clicks, ex_id, corrupted):
         if dctx.triggered_id != ids.IV_PATCH:
-            return no_update, HIDDEN, None
+            return no_update, HIDDEN, None, None
         example_info(db, ex_id)
         if corrupted is None:
-            return no_update, HIDDEN, html.Div("Pick the corrupted example first.", className="iv-error")
+            return no_update, HIDDEN, html.Div("Pick the corrupted example first.", className="iv-error"), None
         example_info(db, corrupted)
         if corrupted == ex_id:
             return no_update, HIDDEN, html.Div("Pick another example than this one as the corrupted run.",
-                                               className="iv-error")
+                                               className="iv-error"), None
         try:
             result = runs.patching(ex_id, corrupted)
         except InterventionError as error:
-            return no_update, HIDDEN, _error(error)
+            return no_update, HIDDEN, _error(error), None
         clean, bad = result.clean_prediction, result.corrupted_prediction
         answer = clean["answer"]
         fig = figures.activation_patching_figure(result.difference, result.columns, result.recovered, answer)
         margin = float(clean["logits"][clean["index"]] - bad["logits"][clean["index"]])
         return fig, SHOWN, html.Div(
             f"Clean (example {ex_id}): '{answer}'; corrupted (example {corrupted}): '{bad['answer']}'. The logit "
-            f"of '{answer}' is {margin:+.3f} higher in the clean run.", className="muted")
+            f"of '{answer}' is {margin:+.3f} higher in the clean run.", className="muted"), \
+            {"ex": ex_id, "corrupted": corrupted}
 
     @app.callback(Output(ids.IV_CORRUPTED, "options"), Input(ids.EXAMPLE_SELECT, "options"),
                   prevent_initial_call=True)
     def refresh_examples(_options):
         return corrupted_options(db)  # from the database, not from what the browser sent
 
+    @app.callback(Output(ids.IV_SAVE_STATUS, "children"), Output(ids.PREDICTION, "children", allow_duplicate=True),
+                  Input(ids.IV_SAVE_NOTE, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
+                  State(ids.IV_ABLATION_RUN, "data"), State(ids.IV_CURVE_RUN, "data"), State(ids.IV_MASK_RUN, "data"),
+                  State(ids.IV_PATCHING_RUN, "data"), prevent_initial_call=True)
+    def save_notes(_clicks, ex_id, ablation, curve, mask, patching):
+        if dctx.triggered_id != ids.IV_SAVE_NOTE:
+            return None, no_update
+        info = example_info(db, ex_id)
+        try:
+            shown = result_notes(db, runs, ex_id, ablation, curve, mask, patching)
+        except InterventionError as error:
+            return _error(error), no_update
+        if not shown:
+            return "Run an intervention first: there is nothing to save for this example.", no_update
+        notes = [note for note in shown if not any(saved.endswith(note) for saved in info.notes)]
+        if not notes:
+            return "The results shown are saved already.", no_update
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        try:
+            info = db.add_notes(ex_id, [f"{stamp} · {note}" for note in notes])
+        except RecordError as error:
+            return _error(error), no_update
+        return (f"Saved {len(notes)} note{'s' if len(notes) > 1 else ''} with example {ex_id}.",
+                prediction_children(info))
+
+
+def run_of(value, ex_id: int, fields: tuple) -> Optional[dict]:
+    """An IV_*_RUN store's value when it is for example ``ex_id`` (None when empty or for another
+    example); anything but a dict with exactly ``fields`` besides "ex" is refused."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"ex", *fields}:
+        raise PreventUpdate
+    return value if value["ex"] == ex_id else None
+
+
+def result_notes(db, runs: Interventions, ex_id: int, ablation, curve, mask, patching) -> list[str]:
+    """The note of each run shown for example ``ex_id``, read back from ``runs`` (cached: no model run
+    unless it was evicted), the browser's values checked as the buttons check them."""
+    info = db.example(ex_id)
+    notes = []
+    if (ablation := run_of(ablation, ex_id, ("heads",))) is not None:
+        heads = chosen_heads(db, [], ablation["heads"], None)
+        if not heads:
+            raise PreventUpdate
+        notes.append(ablation_note(heads_text(heads, db.n_heads), runs.original(ex_id), runs.ablation(ex_id, heads)))
+    if (curve := run_of(curve, ex_id, ("method",))) is not None:
+        notes.append(deletion_note(runs.deletion_curve(ex_id, attention_method(curve["method"]))))
+    if (mask := run_of(mask, ex_id, ("tokens",))) is not None:
+        patches = [t for t in selected_tokens(mask, ex_id, info.n_tokens) if info.coords[t] is not None]
+        if not patches:
+            raise PreventUpdate
+        notes.append(masking_note(info, patches, runs.original(ex_id), runs.masked(ex_id, patches)))
+    if (patching := run_of(patching, ex_id, ("corrupted",))) is not None:
+        corrupted = example_info(db, patching["corrupted"]).ex_id
+        if corrupted == ex_id:
+            raise PreventUpdate
+        notes.append(patching_note(runs.patching(ex_id, corrupted)))
+    return notes
