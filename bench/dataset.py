@@ -32,27 +32,25 @@ def timed(fn, repeat: int) -> list[float]:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=2000, help="examples (default 2000)")
-    p.add_argument("--quick", action="store_true", help="200 examples")
-    p.add_argument("--repeat", type=int, default=30, help="timed calls per interaction (default 30)")
-    p.add_argument("--db", help="an existing database to time instead of building one")
-    args = p.parse_args(argv)
+VIEWS = ("table filter", "dataset heatmap", "contrast", "drill-down")
+VIEW_SHAPE = dict(layers=12, heads=12, text=12, grid=(4, 4), hidden=32, image=64)  # few tokens: see above
+
+
+def build_views_db(path: str, n: int) -> str:
+    """A database of ``n`` examples of 12 x 12 heads for the dataset views (PCA maps, few tokens)."""
+    build(path, n, chunk=50, fast_tsne=True, quiet=True, **VIEW_SHAPE)
+    return path
+
+
+def view_costs(path: str, repeat: int) -> dict:
+    """The index's size and read time, and p50 / p95 ms of each of VIEWS (``repeat`` calls each) as the
+    panel's callbacks compute and serialise them, over the database at ``path``."""
     from dash._utils import to_json  # noqa: PLC0415
 
     from app.database import dataset as ds  # noqa: PLC0415
     from app.database.database import VliLmdb  # noqa: PLC0415
     from app.panels import dataset as panel  # noqa: PLC0415
 
-    n = 200 if args.quick else args.n
-    path = args.db
-    if path is None:
-        path = os.path.join(scratch_dir("vli-bench-dataset-"), "db")
-        t0 = time.perf_counter()
-        build(path, n, layers=12, heads=12, text=12, grid=(4, 4), hidden=32, image=64, chunk=50,
-              fast_tsne=True, quiet=True)
-        print(f"built {n} examples in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     db = VliLmdb(path)
     t0 = time.perf_counter()
     index = ds.load_index(db)
@@ -88,14 +86,32 @@ def main(argv=None) -> int:
         children, ranked = panel.ranked_children(cache.get(), all_ids, column)
         to_json(children)
 
-    print(f"machine: {machine()}")
-    print(f"examples {len(index)}, {L} layers x {H} heads, {len(stats)} statistics: index "
-          f"{index.values.nbytes / 2**20:.1f} MB, read once per database version in {load_s * 1000:.0f} ms")
-    for name, fn in (("table filter", table), ("dataset heatmap", heatmap), ("contrast", contrast),
-                     ("drill-down", drill)):
-        p50, p95 = stats_ms(timed(fn, args.repeat))
-        print(f"{name:<16} p50 {p50:7.1f} ms   p95 {p95:7.1f} ms")
+    costs = {"examples": len(index), "layers": L, "heads": H, "statistics": len(stats),
+             "index_mb": index.values.nbytes / 2**20, "load_ms": load_s * 1000,
+             "views": {name: stats_ms(timed(fn, repeat)) for name, fn in zip(VIEWS, (table, heatmap, contrast, drill))}}
     db.close()
+    return costs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=2000, help="examples (default 2000)")
+    p.add_argument("--quick", action="store_true", help="200 examples")
+    p.add_argument("--repeat", type=int, default=30, help="timed calls per interaction (default 30)")
+    p.add_argument("--db", help="an existing database to time instead of building one")
+    args = p.parse_args(argv)
+    n = 200 if args.quick else args.n
+    path = args.db
+    if path is None:
+        t0 = time.perf_counter()
+        path = build_views_db(os.path.join(scratch_dir("vli-bench-dataset-"), "db"), n)
+        print(f"built {n} examples in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    costs = view_costs(path, args.repeat)
+    print(f"machine: {machine()}")
+    print(f"examples {costs['examples']}, {costs['layers']} layers x {costs['heads']} heads, {costs['statistics']} "
+          f"statistics: index {costs['index_mb']:.1f} MB, read once per database version in {costs['load_ms']:.0f} ms")
+    for name, (p50, p95) in costs["views"].items():
+        print(f"{name:<16} p50 {p50:7.1f} ms   p95 {p95:7.1f} ms")
     return 0
 
 

@@ -9,9 +9,10 @@ start-up (process start to the first 200 on GET /), resident memory (psutil RSS)
 min(N, 100) examples, the interaction cascades (bench/interactions.py's replay), the
 nearest-token search (``db.nearest_other_modality`` called directly, median / p95 ms), and the
 database-wide token map of the last layer (app.database.token_map, --map-tokens tokens, default
-20 000): its fit time and the fitting process's peak memory, in a fresh process.
---quick uses N = 20, 100, 200 and 5 repetitions. The dataset panel's views at N = 2 000 are
-bench/dataset.py.
+20 000): its fit time and the fitting process's peak memory, in a fresh process; and the dataset
+panel's views (table filter, dataset heatmap, contrast, drill-down: bench/dataset.py's timing) over a
+second database of N examples of 12 x 12 heads, where the head statistics are what they cost.
+--quick uses N = 20, 100, 200 and 5 repetitions.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import anon_mb, machine, rss_mb, scratch_dir, start_server, stats_ms  # noqa: E402
+from bench.dataset import VIEWS, build_views_db, view_costs  # noqa: E402
 from bench.interactions import Replayer, db_shape, measure  # noqa: E402
 from bench.make_db import build  # noqa: E402
 
@@ -86,6 +88,7 @@ def one_size(n: int, reps: int, real_tsne: bool, keep: str = "", map_tokens: int
     row = {"n": n, "build_s": time.perf_counter() - t0, "disk_mb_per_ex": built["disk_mb"] / n}
     row["nn_med"], row["nn_p95"] = nearest_cost(path)
     row["map"] = token_map_cost(path, map_tokens)
+    row["views"] = view_costs(build_views_db(os.path.join(scratch_dir(f"vli-bench-views-{n}-"), "db"), n), reps)
     shape = db_shape(path)
     server = start_server(path)
     try:
@@ -135,6 +138,14 @@ def main(argv=None) -> int:
     print(f"\n{'N':>6s} {'map tokens':>10s} {'fit s':>7s} {'peak MB':>8s}   (token map of the last layer)")
     for r in rows:
         print(f"{r['n']:6d} {r['map']['tokens']:10d} {r['map']['fit_s']:7.1f} {r['map']['peak_mb']:8.0f}")
+    views = rows[0]["views"]
+    print(f"\ndataset views, {views['layers']} layers x {views['heads']} heads, {views['statistics']} statistics "
+          "(p50/p95 ms; index: MB, ms to read it once per database version)")
+    print(f"{'N':>6s} {'index':>12s}  " + "  ".join(f"{k:>16s}" for k in VIEWS))
+    for r in rows:
+        v = r["views"]
+        print(f"{r['n']:6d} {v['index_mb']:5.1f}/{v['load_ms']:<6.0f}  "
+              + "  ".join(f"{v['views'][k][0]:8.1f}/{v['views'][k][1]:<7.1f}" for k in VIEWS))
     return 0
 
 

@@ -138,6 +138,26 @@ def make_db(path, records: Sequence[dict], progress: bool = False, **kwargs):
     return db, report
 
 
+def faithfulness_aucs(*args: str) -> dict:
+    """Run ``bench/faithfulness.py *args`` and read back its AUCs: {("positive" | "negative", map): auc}."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "bench/faithfulness.py", *args], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    aucs, direction = {}, None
+    for line in out.stdout.splitlines():
+        if line.startswith(("positive", "negative")):
+            direction = line.split()[0]
+        elif "AUC" in line:
+            method, _, value = line.split()[:3]
+            aucs[(direction, method)] = float(value)
+    return aucs
+
+
 try:  # a pytest fixture for modules that preprocess: `from helpers import fast_tsne` (autouse)
     import pytest
 

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from helpers import faithfulness_aucs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,16 +38,16 @@ def test_make_db_and_interactions_quick(tmp_path):
 def test_faithfulness_quick_ranks_every_map_above_a_random_order():
     """On the bundled trained model, removing the patches a map calls relevant first hurts more than a
     random order (positive test), and removing the irrelevant ones first hurts less (negative)."""
-    out = subprocess.run([sys.executable, "bench/faithfulness.py", "--quick"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    aucs, direction = {}, None
-    for line in out.stdout.splitlines():
-        if line.startswith(("positive", "negative")):
-            direction = line.split()[0]
-        elif "AUC" in line:
-            method, _, value = line.split()[:3]
-            aucs[(direction, method)] = float(value)
+    aucs = faithfulness_aucs("--quick")
     for method in ("attention", "rollout", "relevancy"):
-        assert aucs[("positive", method)] < aucs[("positive", "random")], out.stdout
-        assert aucs[("negative", method)] > aucs[("negative", "random")], out.stdout
+        assert aucs[("positive", method)] < aucs[("positive", "random")], aucs
+        assert aucs[("negative", method)] > aucs[("negative", "random")], aucs
+
+
+def test_dataset_views_are_timed_over_a_database_of_12_by_12_heads(tmp_path):
+    sys.path.insert(0, ROOT)
+    from bench.dataset import VIEWS, build_views_db, view_costs  # noqa: PLC0415
+
+    costs = view_costs(build_views_db(str(tmp_path / "db"), 6), repeat=2)  # what bench/scale.py prints
+    assert (costs["examples"], costs["layers"], costs["heads"]) == (6, 12, 12)
+    assert list(costs["views"]) == list(VIEWS) and all(p95 >= p50 > 0 for p50, p95 in costs["views"].values())

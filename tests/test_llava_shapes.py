@@ -5,8 +5,6 @@ stores for it.
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from helpers import faithfulness_aucs
 from shapes_vqa import make_heldout, scenes
 from shapes_vqa import train as vilt_train
 from shapes_vqa import train_llava
@@ -228,17 +227,7 @@ def test_evidence_of_the_live_model_is_faithful_on_the_bundled_model():
     of the prompt's last token, and Hf.mask_patches), removing the patches a map ranks first hurts the
     bundled model's answers more than a random order, and removing the last-ranked ones first hurts less.
     On 20 questions: positive AUC 0.35 for every map against 0.67 at random, negative 0.87 against 0.56."""
-    root = MODEL_DIR.parent.parent
-    out = subprocess.run([sys.executable, "bench/faithfulness.py", "-m", "hf", "--quick"], cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    aucs, direction = {}, None
-    for line in out.stdout.splitlines():
-        if line.startswith(("positive", "negative")):
-            direction = line.split()[0]
-        elif "AUC" in line:
-            method, _, value = line.split()[:3]
-            aucs[(direction, method)] = float(value)
+    aucs = faithfulness_aucs("-m", "hf", "--quick")
     for method in ("attention", "rollout", "relevancy"):
-        assert aucs[("positive", method)] < aucs[("positive", "random")] - 0.1, out.stdout
-        assert aucs[("negative", method)] > aucs[("negative", "random")] + 0.1, out.stdout
+        assert aucs[("positive", method)] < aucs[("positive", "random")] - 0.1, aucs
+        assert aucs[("negative", method)] > aucs[("negative", "random")] + 0.1, aucs
