@@ -37,12 +37,18 @@ DISTANCE_HELP = ("Each dot is a head of this example. Mean attention distance: "
                  + ". Small = local heads, large = heads that look across the image.")
 
 
+def layer_marks(n_layers: int) -> dict:
+    """A hidden-state layer slider's marks: "emb" (before layer 1), then the layers (every other one
+    beyond 12); the t-SNE slider's and the patch words' are the same."""
+    marks = {0: EMB}
+    marks.update({l: str(l) for l in range(1, n_layers + 1) if n_layers <= 12 or l % 2 == 0 or l == n_layers})
+    return marks
+
+
 def layout(ctx, ex_id):
     """The tabs, the t-SNE map of ``ex_id``'s last layer shown (None: an empty database)."""
     n_layers = ctx.db.n_layers or 0  # 0: no examples yet
     figure, ready = tsne_view(ctx.db, ex_id, n_layers) if ex_id is not None else (None, None)
-    marks = {0: EMB}
-    marks.update({l: str(l) for l in range(1, n_layers + 1) if n_layers <= 12 or l % 2 == 0 or l == n_layers})
     tsne_tab = dcc.Tab(label="Hidden states (t-SNE)", value=TABS[0], children=[
         html.P("Each dot is a token of this example; text and image tokens in two colours, special "
                "tokens grey. Hover an image dot to see its patch; click a dot to select that token.",
@@ -51,7 +57,7 @@ def layout(ctx, ex_id):
                   # No number box: it would show 0 where the marks say "emb"; the tooltip names the
                   # layer the way the marks do (window.dccFunctions.vliLayerLabel, app/assets/vli.js).
                   html.Div(dcc.Slider(id=ids.TSNE_LAYER, min=0, max=n_layers, step=1, value=n_layers,
-                                      marks=marks, allow_direct_input=False,
+                                      marks=layer_marks(n_layers), allow_direct_input=False,
                                       tooltip={"transform": "vliLayerLabel", "placement": "top"}),
                            className="layer-slider")], className="controls"),
         html.Div(image_downloads(ids.TSNE_GRAPH), className="controls"),

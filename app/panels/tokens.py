@@ -18,7 +18,7 @@ from dash.exceptions import PreventUpdate
 from app import export, figures, ids
 from app.panels.common import (as_index, clear_drawn_selection, example_info, first_point, head_label,
                                head_selection, image_downloads, initial_figure, panel, selected_tokens)
-from app.panels.hidden import EMB, point_token
+from app.panels.hidden import layer_marks, point_token
 
 PLAY_MS = 900
 DEFAULT_OPACITY = 0.6
@@ -191,14 +191,6 @@ def token_elements(info) -> tuple[list, list]:
     if chips:
         chips.insert(0, html.Span("Image tokens:", className="label"))
     return segments, chips
-
-
-def layer_marks(n_layers: int) -> dict:
-    """A hidden-state layer slider's marks: "emb" (before layer 1), then the layers (every other one
-    beyond 12), as the t-SNE slider has them."""
-    marks = {0: EMB}
-    marks.update({l: str(l) for l in range(1, n_layers + 1) if n_layers <= 12 or l % 2 == 0 or l == n_layers})
-    return marks
 
 
 def example_view(db, ex_id: int, opacity: float, smooth: list, lens_layer: Optional[int]) -> tuple:
