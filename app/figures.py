@@ -631,6 +631,57 @@ def activation_patching_figure(difference: np.ndarray, columns: Sequence[str],
     return figure(data, layout)
 
 
+def _head_grid(z: np.ndarray, text: list, title: str, colourbar: str) -> go.Figure:
+    """A layers × heads heatmap laid out as the head summary (layer 1 at the top, 1-based ticks, x = head and
+    y = layer as 0-based numbers, so that a click reads like one on the head summary), on a scale centred
+    on 0."""
+    n_layers, n_heads = z.shape
+    bound = float(np.abs(z).max()) if z.size and np.isfinite(z).all() and np.abs(z).max() > 0 else 1.0
+    data = [dict(type="heatmap", z=typed_array(z), x=typed_array(np.arange(n_heads)),
+                 y=typed_array(np.arange(n_layers)), text=text, hovertemplate="%{text}<extra></extra>",
+                 colorscale=DIVERGING_SCALE, zmin=-bound, zmax=bound, xgap=1, ygap=1,
+                 colorbar=dict(thickness=10, title=dict(text=colourbar)))]
+    layout = _layout(
+        title=dict(text=title, x=0.01, y=0.97, font=dict(size=12)),
+        xaxis=dict(tickvals=list(range(n_heads)), ticktext=[str(h + 1) for h in range(n_heads)],
+                   title=dict(text="head", standoff=4), showgrid=False, zeroline=False, fixedrange=True),
+        yaxis=dict(tickvals=list(range(n_layers)), ticktext=[str(l + 1) for l in range(n_layers)],
+                   title=dict(text="layer", standoff=4), autorange="reversed", showgrid=False, zeroline=False,
+                   fixedrange=True),
+        margin=dict(l=50, r=10, t=32, b=40), hovermode="closest")
+    return figure(data, layout)
+
+
+def head_ablation_sweep_figure(scores: np.ndarray, answers: Sequence[Sequence[str]], answer: str,
+                               score: float) -> go.Figure:
+    """The head ablation sweep: per layer and head, the change of the original answer's score when that
+    head alone is zeroed (blue: the answer needs the head); hover gives the score and the answer then."""
+    s = np.asarray(scores, dtype=np.float32)
+    if s.ndim != 2 or len(answers) != s.shape[0] or any(len(row) != s.shape[1] for row in answers):
+        raise ValueError(f"scores and answers: expected (n_layers, n_heads) of both, got {s.shape} and "
+                         f"{[len(row) for row in answers]}")
+    change = s - np.float32(score)
+    text = [[f"layer {l + 1}, head {h + 1} zeroed: '{answer}' {score:.3f} → {s[l, h]:.3f} ({change[l, h]:+.3f})"
+             + ("" if answers[l][h] == answer else f"; the answer becomes '{answers[l][h]}'")
+             for h in range(s.shape[1])] for l in range(s.shape[0])]
+    return _head_grid(change, text, f"Score of '{answer}' with one head zeroed, minus the re-run's", "Δ score")
+
+
+def head_patching_figure(difference: np.ndarray, recovered: Optional[np.ndarray], answer: str) -> go.Figure:
+    """Activation patching per head: the clean answer's logit when that head's output comes from the clean
+    run, minus its logit in the corrupted run; the fraction of the clean margin recovered on hover."""
+    d = np.asarray(difference, dtype=np.float32)
+    if d.ndim != 2:
+        raise ValueError(f"difference: expected (n_layers, n_heads), got shape {d.shape}")
+    if recovered is not None and np.shape(recovered) != d.shape:
+        raise ValueError(f"recovered: expected shape {d.shape}, got {np.shape(recovered)}")
+    share = np.full(d.shape, np.nan) if recovered is None else np.asarray(recovered, dtype=np.float64)
+    text = [[f"layer {l + 1}, head {h + 1}: {d[l, h]:+.3f}" + ("" if np.isnan(share[l, h]) else
+                                                              f" ({100 * share[l, h]:.0f} % recovered)")
+             for h in range(d.shape[1])] for l in range(d.shape[0])]
+    return _head_grid(d, text, f"Logit of '{answer}' recovered by patching in one head's output", "Δ logit")
+
+
 # ----------------------------------------------------------------------------- database-wide token map
 
 TOKEN_MAP_COLOURINGS = ("modality", "word", "correctness", "example")

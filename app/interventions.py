@@ -11,10 +11,12 @@ app, and a repeated request answers without running the model.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -26,6 +28,8 @@ METHODS = ("attention", "rollout", "relevancy")  # the attention panel's methods
 QUERY = 0  # the first text token, [CLS]: what ViLT's pooler (and so its answer) reads
 CACHE_SIZE = 128  # results kept (each a few predictions)
 MAX_NAMED_PATCHES = 24  # a note names at most this many removed patches, then counts the rest
+
+log = logging.getLogger(__name__)
 
 
 class InterventionError(ValueError):
@@ -44,12 +48,23 @@ class DeletionCurve:
 
 
 @dataclass(frozen=True)
+class HeadSweep:
+    """The head ablation sweep: ``scores[l, h]`` is the original answer's score with head ``h`` of layer
+    ``l`` zeroed alone, ``answers[l][h]`` the top answer then."""
+    scores: np.ndarray  # float32 (n_layers, n_heads)
+    answers: tuple  # n_layers tuples of n_heads answers
+    original: dict  # the unchanged re-run's prediction
+
+
+@dataclass(frozen=True)
 class Patching:
     """Activation patching of ``clean`` into ``corrupted``: ``difference[l, c]`` is the clean answer's
-    logit when layer ``l``'s output at column ``c``'s positions comes from the clean run, minus that
-    logit in the corrupted run; ``recovered`` divides it by the clean run's margin (1: all recovered)."""
+    logit when layer ``l``'s output at column ``c``'s positions (``per`` "position": the residual stream)
+    or head ``c``'s output (``per`` "head") comes from the clean run, minus that logit in the corrupted
+    run; ``recovered`` divides it by the clean run's margin (1: all recovered)."""
     clean: int
     corrupted: int
+    per: str  # "position" or "head"
     columns: tuple  # column labels
     difference: np.ndarray  # float32 (n_layers, columns)
     recovered: Optional[np.ndarray]  # None when the clean and corrupted logits are equal
@@ -116,13 +131,62 @@ def patching_columns(info) -> tuple[list[str], list[list[int]]]:
 
 
 class Interventions:
-    """The interventions of one app: its database and its live model, with a cache of the results."""
+    """The interventions of one app: its database and its live model, with a cache of the results.
+
+    The sweeps (every head ablated, activation patching per position and per head) take one forward pass
+    per layer or more: :meth:`request` runs them in a background thread and reports how far they are, so
+    that the page polls a progress bar instead of waiting on one request. A request to a server process
+    that has not got the run starts it there (the results are the same), so polls may reach any worker."""
 
     def __init__(self, db, model):
         self.db = db
         self.model = model
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._running: dict = {}  # background run -> the fraction done
+        self._failed: dict = {}  # background run -> why it failed (said once)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vli-interventions")
+
+    def request(self, kind: str, *args) -> dict:
+        """Start the background run ``kind`` (a key of BACKGROUND: ``"sweep", ex_id`` or ``"patching", clean,
+        corrupted``) unless it is done or running; its state: {"state": "done"}, {"state": "running",
+        "fraction": 0..1} or {"state": "error", "message"} (said once: asking again runs it again)."""
+        if kind not in BACKGROUND:
+            raise InterventionError(f"no background run {kind!r} (expected one of {', '.join(BACKGROUND)})")
+        job = (kind, *args)
+        with self._lock:
+            if job in self._failed:
+                return {"state": "error", "message": self._failed.pop(job)}
+            if job in self._running:
+                return {"state": "running", "fraction": self._running[job]}
+            if all(key in self._cache for key in BACKGROUND[kind].keys(*args)):
+                return {"state": "done"}
+            self._running[job] = 0.0
+        self._worker.submit(self._run, job)
+        return {"state": "running", "fraction": 0.0}
+
+    def _run(self, job: tuple) -> None:
+        kind, *args = job
+
+        def progress(fraction: float) -> None:
+            with self._lock:
+                self._running[job] = float(fraction)
+        try:
+            BACKGROUND[kind].run(self, *args, progress=progress)
+        except (InterventionError, ValueError) as error:  # the model's own checks say what is wrong
+            failed = str(error)
+        except Exception as error:  # noqa: BLE001 - said in the page; the server goes on
+            log.exception("background run %s failed", job)
+            failed = f"the run failed: {type(error).__name__}: {error}"
+        else:
+            failed = None
+        with self._lock:
+            del self._running[job]
+            if failed is not None:
+                self._failed[job] = failed
+
+    def shutdown(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
     def _cached(self, key, compute):
         with self._lock:
@@ -180,29 +244,94 @@ class Interventions:
                                  tuple(r["answer"] for r in runs), original)
         return self._cached(("deletion", ex_id, method), compute)
 
-    def patching(self, clean: int, corrupted: int) -> Patching:
-        """Activation patching from example ``clean`` into example ``corrupted`` (same token layout)."""
+    def head_sweep(self, ex_id: int, progress=None) -> HeadSweep:
+        """Every head zeroed alone: the original answer's score and the top answer each time.
+        ``progress(fraction)``, when given, follows the layers."""
+        def compute():
+            result = self.model.ablate_each_head(*stored_input(self.db, ex_id), progress=_fractions(progress))
+            scores = np.asarray(result["scores"], dtype=np.float32)
+            if scores.shape != (self.db.n_layers, self.db.n_heads):
+                raise InterventionError(f"example {ex_id}: the model swept {scores.shape} heads, the database has "
+                                        f"{self.db.n_layers} layers x {self.db.n_heads} heads (field attention)")
+            return HeadSweep(scores, tuple(tuple(row) for row in result["answers"]),
+                             self._checked(ex_id, result["original"]))
+        return self._cached(("sweep", ex_id), compute)
+
+    def patching(self, clean: int, corrupted: int, progress=None) -> Patching:
+        """Activation patching from example ``clean`` into example ``corrupted`` (same token layout), per
+        layer × position of the residual stream."""
+        a = self._patchable(clean, corrupted)
+
+        def compute():
+            names, columns = patching_columns(a)
+            return self._patching(clean, corrupted, "position", names, self.model.patch_activations(
+                stored_input(self.db, clean), stored_input(self.db, corrupted), columns,
+                progress=_fractions(progress)))
+        return self._cached(("patching", clean, corrupted), compute)
+
+    def head_patching(self, clean: int, corrupted: int, progress=None) -> Patching:
+        """Activation patching from example ``clean`` into example ``corrupted`` per layer × head (each
+        head's output, at every position)."""
+        self._patchable(clean, corrupted)
+
+        def compute():
+            return self._patching(clean, corrupted, "head", [f"head {h + 1}" for h in range(self.db.n_heads)],
+                                  self.model.patch_heads(stored_input(self.db, clean),
+                                                         stored_input(self.db, corrupted),
+                                                         progress=_fractions(progress)))
+        return self._cached(("head patching", clean, corrupted), compute)
+
+    def _patchable(self, clean: int, corrupted: int):
+        """The clean example's info, once the two examples are known to have the same token layout."""
         a, b = self.db.example(clean), self.db.example(corrupted)
         if (a.txt_len, a.n_tokens) != (b.txt_len, b.n_tokens):
             raise InterventionError(
                 f"example {corrupted} has {b.txt_len} text and {b.n_tokens - b.txt_len} image tokens, example "
                 f"{clean} {a.txt_len} and {a.n_tokens - a.txt_len} (field tokens): activation patching needs "
                 "the same tokens at the same positions; pick an example with as many of each")
+        return a
 
-        def compute():
-            names, columns = patching_columns(a)
-            result = self.model.patch_activations(stored_input(self.db, clean), stored_input(self.db, corrupted),
-                                                  columns)
-            clean_prediction = self._checked(clean, result["clean"])
-            corrupted_prediction = self._checked(corrupted, result["corrupted"])
-            answer = clean_prediction["index"]
-            base = float(corrupted_prediction["logits"][answer])
-            margin = float(clean_prediction["logits"][answer]) - base
-            difference = (np.asarray(result["patched"], dtype=np.float32) - base).astype(np.float32)
-            recovered = (difference / margin).astype(np.float32) if margin != 0 else None
-            return Patching(clean, corrupted, tuple(names), difference, recovered, clean_prediction,
-                            corrupted_prediction)
-        return self._cached(("patching", clean, corrupted), compute)
+    def _patching(self, clean: int, corrupted: int, per: str, names, result: dict) -> Patching:
+        """The model's patched logits as differences from the corrupted run's (and shares of the margin)."""
+        clean_prediction = self._checked(clean, result["clean"])
+        corrupted_prediction = self._checked(corrupted, result["corrupted"])
+        answer = clean_prediction["index"]
+        base = float(corrupted_prediction["logits"][answer])
+        margin = float(clean_prediction["logits"][answer]) - base
+        difference = (np.asarray(result["patched"], dtype=np.float32) - base).astype(np.float32)
+        if difference.shape != (self.db.n_layers, len(names)):
+            raise InterventionError(f"example {clean}: the model patched {difference.shape} cells, expected "
+                                    f"{self.db.n_layers} layers x {len(names)} (field attention)")
+        recovered = (difference / margin).astype(np.float32) if margin != 0 else None
+        return Patching(clean, corrupted, per, tuple(names), difference, recovered, clean_prediction,
+                        corrupted_prediction)
+
+
+def _fractions(progress):
+    """A model's ``progress(done, total)`` for a ``progress(fraction)`` (None stays None)."""
+    return None if progress is None else (lambda done, total: progress(done / max(total, 1)))
+
+
+@dataclass(frozen=True)
+class _Background:
+    """A run :meth:`Interventions.request` starts in the background: ``run(interventions, *args, progress)``
+    and ``keys(*args)``, the cache keys that hold its results once it is done."""
+    run: Callable
+    keys: Callable
+
+
+def _both_patchings(runs: Interventions, clean: int, corrupted: int, progress) -> None:
+    runs.patching(clean, corrupted, progress=lambda f: progress(0.5 * f))
+    runs.head_patching(clean, corrupted, progress=lambda f: progress(0.5 + 0.5 * f))
+
+
+BACKGROUND = {
+    "sweep": _Background(run=lambda runs, ex_id, progress: runs.head_sweep(ex_id, progress),
+                         keys=lambda ex_id: [("sweep", ex_id)]),
+    "patching": _Background(run=_both_patchings,
+                            keys=lambda clean, corrupted: [("patching", clean, corrupted),
+                                                           ("head patching", clean, corrupted)]),
+}
 
 
 # ----------------------------------------------------------------------------- notes
@@ -244,15 +373,31 @@ def deletion_note(curve: DeletionCurve) -> str:
 
 def patching_note(result: Patching, n_cells: int = 3) -> str:
     """The note of activation patching: the two answers, the clean margin and the ``n_cells`` layer ×
-    position cells that recover the most of the clean answer's logit."""
+    position (or layer × head) cells that recover the most of the clean answer's logit."""
     clean, bad = result.clean_prediction, result.corrupted_prediction
     margin = float(clean["logits"][clean["index"]] - bad["logits"][clean["index"]])
     flat = np.argsort(-result.difference, axis=None, kind="stable")[:n_cells]
     cells = []
     for layer, column in zip(*np.unravel_index(flat, result.difference.shape)):
         share = "" if result.recovered is None else f", {100 * result.recovered[layer, column]:.0f} %"
-        cells.append(f"layer {layer + 1} at {result.columns[column]} ({result.difference[layer, column]:+.3f}"
+        where = "at " if result.per == "position" else ""
+        cells.append(f"layer {layer + 1} {where}{result.columns[column]} ({result.difference[layer, column]:+.3f}"
                      f"{share})")
-    return (f"Activation patching from this example ('{clean['answer']}') into example {result.corrupted} "
+    what = "Activation patching" if result.per == "position" else "Activation patching of each head's output"
+    return (f"{what} from this example ('{clean['answer']}') into example {result.corrupted} "
             f"('{bad['answer']}'): the logit of '{clean['answer']}' is {margin:+.3f} higher in the clean run; "
             f"patched in, the most is recovered by {'; '.join(cells)}.")
+
+
+def sweep_note(sweep: HeadSweep, n_heads: int = 3) -> str:
+    """The note of a head ablation sweep: the ``n_heads`` heads whose ablation lowers the original
+    answer's score the most, and how many heads change the answer."""
+    original = sweep.original
+    drop = sweep.scores - np.float32(original["score"])
+    flat = np.argsort(drop, axis=None, kind="stable")[:n_heads]
+    heads = [f"layer {l + 1} head {h + 1} ({original['score']:.3f} → {sweep.scores[l, h]:.3f}"
+             + (f", answer '{sweep.answers[l][h]}'" if sweep.answers[l][h] != original["answer"] else "") + ")"
+             for l, h in zip(*np.unravel_index(flat, drop.shape))]
+    flipped = sum(answer != original["answer"] for row in sweep.answers for answer in row)
+    return (f"Head ablation sweep (each of {drop.size} heads zeroed alone): the score of '{original['answer']}' "
+            f"is lowest with {'; '.join(heads)}; {flipped} of {drop.size} heads change the answer alone.")

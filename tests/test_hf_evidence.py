@@ -21,7 +21,7 @@ from helpers import fast_tsne  # noqa: F401 (autouse: t-SNE is tested elsewhere)
 from hf_tiny import random_image
 from test_hf_llava import IMAGE_HW, _build_llava, _build_llava_next, _build_paligemma
 from test_hf_qwen_idefics import IDEFICS_HW, QWEN_HW, QwenTestProcessor, _build_idefics, _build_qwen
-from test_page_interventions import texts
+from test_page_interventions import run_in_background, texts
 from test_page_validation import Page
 
 # the words of both builders' tokenizers; the two questions have as many tokens (activation patching)
@@ -216,6 +216,23 @@ def test_ablation_equals_zeroed_output_projection_columns(family, heads):
         hf.ablate(record["image"], record["text"], [(2, 0)])
 
 
+def test_the_head_sweep_is_one_ablation_per_head(family):
+    """The sweep's batched rows (row h zeroes head h at o_proj's input) give what ablating each head alone
+    gives (which is zeroed o_proj columns, as tested above), with progress per layer, hooks removed."""
+    name, hf, image, record = family
+    hooks, reported = _hooks(hf), []
+    sweep = hf.ablate_each_head(record["image"], record["text"], _patches(record),
+                                progress=lambda done, total: reported.append((done, total)))
+    original = hf.predict(record["image"], record["text"], _patches(record))
+    assert sweep["original"]["answer"] == original["answer"] and reported == [(1, 2), (2, 2)]
+    for layer in range(2):
+        for head in range(2):
+            alone = hf.ablate(record["image"], record["text"], [(layer, head)], patches=_patches(record))
+            assert sweep["scores"][layer, head] == pytest.approx(alone["scores"][original["index"]], abs=1e-5)
+            assert sweep["answers"][layer][head] == alone["answer"]
+    assert _hooks(hf) == hooks
+
+
 def test_masked_patches_batched_equal_each_alone(family):
     """Several removal sets in one batched run give what each gives alone; nothing removed is the re-run;
     a removal changes the logits; a text position is refused."""
@@ -317,6 +334,64 @@ def test_activation_patching_equals_a_run_layer_by_layer(llava):
     assert abs(clean_logit - corrupted_logit) > 1e-2 and _hooks(hf) == hooks
 
 
+def test_head_patching_is_the_clean_heads_output_patched_in(llava):
+    """What is patched is a head's output: o_proj's input slice of head h is A_h @ V_h (the attention weights
+    the model returns, times the values computed here from the layer's input); each entry = the corrupted
+    run with that one slice of one layer replaced by the clean run's, by a hook written here (one head at a
+    time, no batching)."""
+    hf, images, records = llava
+    hooks = _hooks(hf)
+    clean, corrupted = records
+    prompt_len = _prompt_len(clean)
+    reported = []
+    result = hf.patch_heads((clean["image"], clean["text"], _patches(clean)),
+                            (corrupted["image"], corrupted["text"], _patches(corrupted)),
+                            progress=lambda done, total: reported.append((done, total)))
+    answer = result["clean"]["index"]
+    clean_full, _ = _full_inputs(hf, images[0], QUESTION, clean)
+    corrupted_full, _ = _full_inputs(hf, images[1], OTHER_QUESTION, corrupted)
+    layers = hf.model.get_decoder().layers
+    contexts = {}
+
+    def keep(layer):
+        def hook(_module, args):
+            contexts[layer] = args[0][0].clone()
+        return hook
+
+    handles = [module.self_attn.o_proj.register_forward_pre_hook(keep(l)) for l, module in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            out = hf.model(**clean_full, output_hidden_states=True, output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, module in enumerate(layers):
+        attention = module.self_attn
+        d = attention.head_dim
+        values = attention.v_proj(module.input_layernorm(out.hidden_states[layer]))[0].detach()  # (n, kv * d)
+        groups = attention.config.num_attention_heads // attention.config.num_key_value_heads
+        for head in range(2):
+            kv = head // groups
+            own = out.attentions[layer][0, head] @ values[:, kv * d:(kv + 1) * d]
+            np.testing.assert_allclose(contexts[layer][:, head * d:(head + 1) * d].numpy(), own.numpy(), atol=1e-4)
+    expected = np.zeros((2, 2), dtype=np.float32)
+    for layer, module in enumerate(layers):
+        d = module.self_attn.head_dim
+        for head in range(2):
+            def patch(_module, args, layer=layer, head=head, d=d):
+                context = args[0].clone()
+                context[0, :, head * d:(head + 1) * d] = contexts[layer][:, head * d:(head + 1) * d]
+                return (context,)
+            handle = module.self_attn.o_proj.register_forward_pre_hook(patch)
+            try:
+                expected[layer, head] = _answer_logits(hf.model, corrupted_full, prompt_len)[answer]
+            finally:
+                handle.remove()
+    np.testing.assert_allclose(result["patched"], expected, atol=1e-4)
+    assert np.abs(result["patched"] - result["corrupted"]["logits"][answer]).max() > 1e-2  # a head matters
+    assert reported == [(1, 2), (2, 2)] and _hooks(hf) == hooks
+
+
 def test_patching_refuses_other_layouts_and_positions(llava):
     hf, images, records = llava
     clean = (records[0]["image"], records[0]["text"], _patches(records[0]))
@@ -399,15 +474,21 @@ def test_the_interventions_panel_runs_the_decoder(llava, tmp_path, request):
     assert status == 200
     curve = Interventions(db, hf).deletion_curve(0, "relevancy")
     assert response[ids.IV_DELETION_GRAPH]["figure"]["data"][0]["y"] == pytest.approx(curve.scores, abs=1e-6)
-    status, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
-        f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": 1})
-    assert status == 200
+    _, response = run_in_background(page, ids.IV_PATCH, {f"{ids.IV_CORRUPTED}.value": 1})
     assert response[ids.IV_PATCH_GRAPH]["figure"]["data"][0]["y"] == ["layer 1", "layer 2"]
-    runs = {f"{ids.IV_PATCHING_RUN}.data": response[ids.IV_PATCHING_RUN]["data"],
-            f"{ids.IV_CURVE_RUN}.data": {"ex": 0, "method": "relevancy"}}
+    heads = response[ids.IV_PATCH_HEADS_GRAPH]["figure"]
+    assert heads["layout"]["yaxis"]["ticktext"] == ["1", "2"] and heads["layout"]["xaxis"]["ticktext"] == ["1", "2"]
+    patching_run = response[ids.IV_PATCHING_RUN]["data"]
+    _, response = run_in_background(page, ids.IV_SWEEP)
+    sweep = hf.ablate_each_head(record["image"], record["text"], _patches(record))
+    assert sweep["original"]["answer"] in texts(response[ids.IV_SWEEP_TEXT]["children"])
+    runs = {f"{ids.IV_PATCHING_RUN}.data": patching_run, f"{ids.IV_CURVE_RUN}.data": {"ex": 0, "method": "relevancy"},
+            f"{ids.IV_SWEEP_RUN}.data": response[ids.IV_SWEEP_RUN]["data"]}
     status, response = page.post(f"{ids.IV_SAVE_STATUS}.children", f"{ids.IV_SAVE_NOTE}.n_clicks",
                                  {f"{ids.IV_SAVE_NOTE}.n_clicks": 1, **runs})
-    assert response[ids.IV_SAVE_STATUS]["children"] == "Saved 2 notes with example 0."
-    curve_note, patching_note = db.example(0).notes[-2:]
+    assert response[ids.IV_SAVE_STATUS]["children"] == "Saved 4 notes with example 0."
+    curve_note, patching_note, heads_note, sweep_note = db.example(0).notes[-4:]
     assert f"the score of '{curve.original['answer']}' with 0 % {curve.scores[0]:.3f}" in curve_note
     assert "Activation patching from this example" in patching_note and "into example 1" in patching_note
+    assert "Activation patching of each head's output" in heads_note
+    assert "Head ablation sweep (each of 4 heads zeroed alone)" in sweep_note

@@ -2,6 +2,7 @@
 computations made without the adapter's hooks, hooks always removed, and the cached results of
 app.interventions read from a database of the model's records."""
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from PIL import Image
 from app import figures
 from app.database.database import VliLmdb
 from app.database.models import load_model
-from app.interventions import FRACTIONS, InterventionError, Interventions, patching_columns
+from app.interventions import FRACTIONS, InterventionError, Interventions, patching_columns, stored_input
 from helpers import fast_tsne  # noqa: F401 (autouse: t-SNE is tested elsewhere)
+from test_figures import decode
 from tiny_vilt import build_tiny_vilt
 
 QUESTIONS = ["what color is the circle ?", "what color is the square ?", "how many are there ?"]
@@ -185,6 +187,76 @@ def test_activation_patching_equals_a_run_layer_by_layer(vilt, records):
     assert no_hooks(vilt)
 
 
+def test_the_head_sweep_is_one_ablation_per_head(vilt, records):
+    """Row h of a layer's batch zeroes head h alone: the same scores and answers as ablating each head by
+    itself (each of which is a model with that head's value weights zeroed, as tested above); the progress
+    follows the layers."""
+    record = records[0]
+    reported = []
+    sweep = vilt.ablate_each_head(record["image"], record["text"], patches_of(record),
+                                  progress=lambda done, total: reported.append((done, total)))
+    original = vilt.predict(record["image"], record["text"], patches_of(record))
+    assert sweep["original"]["answer"] == original["answer"] and reported == [(1, 2), (2, 2)]
+    assert sweep["scores"].shape == (2, 4) and sweep["scores"].dtype == np.float32
+    for layer in range(2):
+        for head in range(4):
+            alone = vilt.ablate(record["image"], record["text"], [(layer, head)], patches=patches_of(record))
+            assert sweep["scores"][layer, head] == pytest.approx(alone["scores"][original["index"]], abs=1e-5)
+            assert sweep["answers"][layer][head] == alone["answer"]
+    assert np.abs(sweep["scores"] - original["score"]).max() > 1e-3  # some head matters
+    assert no_hooks(vilt)
+
+
+def _layer(module, hidden, head=None, context=None):
+    """One ViLT layer computed here from its parts (no hooks): attention, output projection, residuals and
+    MLP; with ``head``, that head's slice of the context (the output projection's input) is ``context``'s.
+    Returns (the layer's output, its context)."""
+    attention = module.attention
+    own = attention.attention(module.layernorm_before(hidden))[0]
+    used = own
+    if head is not None:
+        used = own.clone()
+        used[..., head * 8:(head + 1) * 8] = context[..., head * 8:(head + 1) * 8]  # head_dim 32 / 4
+    hidden = attention.output(used, hidden) + hidden
+    return module.output(module.intermediate(module.layernorm_after(hidden)), hidden), own
+
+
+def test_head_patching_equals_a_run_layer_by_layer(vilt, records):
+    """Each entry = the corrupted run computed here layer by layer with one head's context of one layer
+    taken from the clean run's."""
+    clean, bad = records[0], records[1]
+    reported = []
+    result = vilt.patch_heads((clean["image"], clean["text"], patches_of(clean)),
+                              (bad["image"], bad["text"], patches_of(bad)),
+                              progress=lambda done, total: reported.append((done, total)))
+    answer = result["clean"]["index"]
+    layers = vilt.vilt.encoder.layer
+
+    def start(record):
+        fixed, embeds, mask = row_major_inputs(vilt, record)
+        return vilt.net(**fixed, image_embeds=embeds, pixel_mask=mask, output_hidden_states=True).hidden_states[0]
+
+    def logits(hidden):
+        return vilt.net.classifier(vilt.vilt.pooler(vilt.vilt.layernorm(hidden)))[0]
+
+    with torch.no_grad():
+        hidden, contexts = start(clean), []
+        for module in layers:
+            hidden, context = _layer(module, hidden)
+            contexts.append(context)
+        assert float(logits(hidden)[answer]) == pytest.approx(float(result["clean"]["logits"][answer]), abs=1e-4)
+        expected = np.zeros((2, 4), dtype=np.float32)
+        for patched_layer in range(2):
+            for head in range(4):
+                hidden = start(bad)
+                for layer, module in enumerate(layers):
+                    hidden, _ = _layer(module, hidden, *((head, contexts[layer]) if layer == patched_layer else ()))
+                expected[patched_layer, head] = float(logits(hidden)[answer])
+    assert np.allclose(result["patched"], expected, atol=1e-4)
+    assert np.abs(result["patched"] - result["corrupted"]["logits"][answer]).max() > 1e-2  # a head matters
+    assert reported == [(1, 2), (2, 2)] and no_hooks(vilt)
+
+
 # ----------------------------------------------------------------------------- app.interventions
 
 
@@ -250,6 +322,39 @@ def test_patching_refuses_different_token_layouts(vilt, db):
     assert np.allclose(result.recovered[:, -1], 1, atol=1e-3)  # every position patched: the clean run
 
 
+def test_background_runs_report_progress_then_their_results(vilt, db):
+    """request() starts a sweep or patching in the background, says how far it is, then "done" with the
+    results cached (the same as asked directly); a refused run says why once, then is tried again."""
+    runs = Interventions(db, vilt)
+    try:
+        seen = []
+        for kind, args in (("sweep", (0,)), ("patching", (0, 1))):
+            status = runs.request(kind, *args)
+            while status["state"] == "running":
+                seen.append(status["fraction"])
+                time.sleep(0.01)
+                status = runs.request(kind, *args)
+            assert status == {"state": "done"}
+        assert seen and all(0 <= f <= 1 for f in seen)
+        sweep = runs.head_sweep(0)
+        assert runs.head_sweep(0) is sweep and sweep.scores.shape == (2, 4)
+        direct = vilt.ablate_each_head(*stored_input(db, 0))
+        assert np.array_equal(sweep.scores, direct["scores"]) and sweep.answers == tuple(map(tuple, direct["answers"]))
+        heads = runs.head_patching(0, 1)
+        assert heads.per == "head" and heads.columns == ("head 1", "head 2", "head 3", "head 4")
+        assert heads.difference.shape == (2, 4) and runs.patching(0, 1).per == "position"
+        for _ in range(2):  # said, then run (and refused) again
+            status = runs.request("patching", 0, 2)
+            while status["state"] == "running":
+                time.sleep(0.01)
+                status = runs.request("patching", 0, 2)
+            assert status["state"] == "error" and "activation patching needs the same tokens" in status["message"]
+        with pytest.raises(InterventionError, match="no background run 'ablation'"):
+            runs.request("ablation", 0)
+    finally:
+        runs.shutdown()
+
+
 def test_a_record_of_another_tokenizer_is_refused(vilt, tmp_path, records):
     record = copy.deepcopy(records[0])
     record["tokens"] = ["[CLS]", "which"] + record["tokens"][2:]
@@ -284,8 +389,29 @@ def test_activation_patching_figure():
         figures.activation_patching_figure(difference, ["one"], None, "red")
 
 
+def test_head_figures_are_laid_out_as_the_head_summary():
+    """Layer 1 at the top, x = head and y = layer as 0-based numbers (what a click reads), 1-based ticks."""
+    scores = np.array([[0.5, 0.75, 0.25], [0.625, 0.625, 0.0]], dtype=np.float32)
+    answers = [["red", "red", "blue"], ["red", "red", "green"]]
+    fig = figures.head_ablation_sweep_figure(scores, answers, "red", 0.625)
+    trace = fig.data[0]
+    assert np.allclose(decode(trace.z), scores - 0.625) and (trace.zmin, trace.zmax) == (-0.625, 0.625)
+    assert trace.text[0][2] == "layer 1, head 3 zeroed: 'red' 0.625 → 0.250 (-0.375); the answer becomes 'blue'"
+    assert trace.text[1][0] == "layer 2, head 1 zeroed: 'red' 0.625 → 0.625 (+0.000)"
+    assert fig.layout.yaxis.autorange == "reversed" and list(fig.layout.xaxis.ticktext) == ["1", "2", "3"]
+    difference = np.array([[0.5, -1.0, 0.0], [2.0, 0.0, 0.25]], dtype=np.float32)
+    trace = figures.head_patching_figure(difference, difference / 2.0, "red").data[0]
+    assert np.allclose(decode(trace.z), difference) and (trace.zmin, trace.zmax) == (-2.0, 2.0)
+    assert trace.text[1][0] == "layer 2, head 1: +2.000 (100 % recovered)"
+    with pytest.raises(ValueError, match="expected"):
+        figures.head_ablation_sweep_figure(scores, answers[:1], "red", 0.625)
+    with pytest.raises(ValueError, match="expected"):
+        figures.head_patching_figure(difference, difference[:1], "red")
+
+
 def test_the_notes_say_what_the_runs_found():
-    from app.interventions import DeletionCurve, Patching, ablation_note, deletion_note, patching_note
+    from app.interventions import (DeletionCurve, HeadSweep, Patching, ablation_note, deletion_note, patching_note,
+                                   sweep_note)
 
     red = {"answer": "red", "score": 0.6123, "index": 0, "logits": np.array([2.0, 0.5])}
     blue = {"answer": "blue", "score": 0.4551, "index": 1, "logits": np.array([0.25, 1.0])}
@@ -298,10 +424,21 @@ def test_the_notes_say_what_the_runs_found():
                                     "with 0 % 0.612, 50 % 0.100; with 50 % removed the answer is 'blue'.")
     difference = np.array([[0.1, 1.5, -2.0], [0.2, 0.9, 1.75]], dtype=np.float32)
     margin = 2.0 - 0.25
-    result = Patching(0, 3, ("1 what", "all patches", "all positions"), difference, difference / margin, red, blue)
+    result = Patching(0, 3, "position", ("1 what", "all patches", "all positions"), difference, difference / margin,
+                      red, blue)
     top = np.argsort(-difference.ravel())[:3]  # the cells that recover the most
     assert [divmod(int(i), 3) for i in top] == [(1, 2), (0, 1), (1, 1)]
     assert patching_note(result) == (
         "Activation patching from this example ('red') into example 3 ('blue'): the logit of 'red' is +1.750 "
         "higher in the clean run; patched in, the most is recovered by layer 2 at all positions (+1.750, 100 %); "
         "layer 1 at all patches (+1.500, 86 %); layer 2 at all patches (+0.900, 51 %).")
+    heads = Patching(0, 3, "head", ("head 1", "head 2", "head 3"), difference, difference / margin, red, blue)
+    assert patching_note(heads, n_cells=1) == (
+        "Activation patching of each head's output from this example ('red') into example 3 ('blue'): the logit "
+        "of 'red' is +1.750 higher in the clean run; patched in, the most is recovered by layer 2 head 3 "
+        "(+1.750, 100 %).")
+    scores = np.array([[0.5, 0.1], [0.7, 0.6]], dtype=np.float32)
+    sweep = HeadSweep(scores, (("red", "blue"), ("red", "red")), red)
+    assert sweep_note(sweep, n_heads=2) == (
+        "Head ablation sweep (each of 4 heads zeroed alone): the score of 'red' is lowest with layer 1 head 2 "
+        "(0.612 → 0.100, answer 'blue'); layer 1 head 1 (0.612 → 0.500); 1 of 4 heads change the answer alone.")

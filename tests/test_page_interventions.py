@@ -3,6 +3,7 @@ database of its records: what each button shows agrees with the model run direct
 refused (no update), and a change of example clears the results."""
 import base64
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -110,9 +111,59 @@ def test_a_new_example_clears_the_results(page):
     status, response = page.post(f"{ids.IV_ABLATION}.children", f"{ids.EXAMPLE_SELECT}.value",
                                  {f"{ids.EXAMPLE_SELECT}.value": 1})
     assert status == 200 and response[ids.IV_ABLATION]["children"] is None
-    status, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.EXAMPLE_SELECT}.value",
+    status, response = page.post(f"{ids.IV_JOB}.data", f"{ids.EXAMPLE_SELECT}.value",
                                  {f"{ids.EXAMPLE_SELECT}.value": 1})
-    assert status == 200 and response[ids.IV_PATCH_GRAPH]["style"] == {"display": "none"}
+    assert status == 200 and response[ids.IV_JOB]["data"] is None  # the run polled is forgotten
+    status, response = page.post(f"{ids.IV_RUN_STATUS}.children", f"{ids.IV_JOB}.data", {f"{ids.IV_JOB}.data": None})
+    assert status == 200 and response[ids.IV_POLL]["disabled"] is True
+    for graph in (ids.IV_PATCH_GRAPH, ids.IV_PATCH_HEADS_GRAPH, ids.IV_SWEEP_GRAPH):
+        assert response[graph]["style"] == {"display": "none"}
+    assert response[ids.IV_SWEEP_RUN]["data"] is None and response[ids.IV_PATCHING_RUN]["data"] is None
+
+
+def run_in_background(page, button, values=None, polls=600):
+    """Press ``button`` (its callback names the run: IV_JOB), then poll as IV_POLL does until the poll is
+    switched off; (the progress fractions seen, the last response)."""
+    status, response = page.post(f"{ids.IV_JOB}.data", f"{button}.n_clicks",
+                                 {f"{button}.n_clicks": 1, **(values or {})})
+    assert status == 200
+    job = response[ids.IV_JOB]["data"]
+    seen = []
+    for n in range(polls):
+        status, response = page.post(f"{ids.IV_RUN_STATUS}.children", f"{ids.IV_POLL}.n_intervals",
+                                     {f"{ids.IV_JOB}.data": job, f"{ids.IV_POLL}.n_intervals": n})
+        assert status == 200
+        if response[ids.IV_POLL]["disabled"]:
+            return seen, response
+        progress = response[ids.IV_RUN_STATUS]["children"][0]
+        assert progress["type"] == "Progress"
+        seen.append(progress["props"]["value"])
+        time.sleep(0.05)
+    raise AssertionError(f"the run of {button} did not finish in {polls} polls")
+
+
+def test_the_head_sweep_draws_each_heads_effect(page, vilt, records):
+    """"Ablate each head": progress while it runs, then the layers x heads heatmap of the score change,
+    equal to ablating each head alone; a click on a cell selects that head in the head summary."""
+    record = records[0]
+    seen, response = run_in_background(page, ids.IV_SWEEP)
+    assert all(0 <= f <= 1 for f in seen)
+    trace = response[ids.IV_SWEEP_GRAPH]["figure"]["data"][0]
+    original = vilt.predict(record["image"], record["text"], patches_of(record))
+    expected = np.array([[vilt.ablate(record["image"], record["text"], [(l, h)], patches=patches_of(record))
+                          ["scores"][original["index"]] for h in range(4)] for l in range(2)]) - original["score"]
+    z = np.frombuffer(base64.b64decode(trace["z"]["bdata"]), dtype=np.float32).reshape(2, 4)
+    assert np.allclose(z, expected, atol=1e-5) and response[ids.IV_SWEEP_GRAPH]["style"] == {}
+    assert f"Re-run answer '{original['answer']}'" in texts(response[ids.IV_SWEEP_TEXT]["children"])
+    assert response[ids.IV_SWEEP_RUN]["data"] == {"ex": 0}
+    assert ids.IV_PATCH_GRAPH not in response  # the other run's figures stay as they are
+    status, response = page.post(f"{ids.HEAD_STORE}.data", f"{ids.IV_SWEEP_GRAPH}.clickData", {
+        f"{ids.IV_SWEEP_GRAPH}.clickData": {"points": [{"x": 3, "y": 1, "curveNumber": 0}]}})
+    assert status == 200 and response[ids.HEAD_STORE]["data"] == {"layer": 1, "head": 3}
+    for point in ({"x": 4, "y": 0}, {"x": 0, "y": 2}, {"x": "1", "y": 0}):
+        status, _ = page.post(f"{ids.HEAD_STORE}.data", f"{ids.IV_SWEEP_GRAPH}.clickData", {
+            f"{ids.IV_SWEEP_GRAPH}.clickData": {"points": [point]}})
+        assert status == NO_UPDATE
 
 
 def test_deletion_curve_of_the_attention_panels_method(page, vilt, records):
@@ -166,9 +217,7 @@ def test_removing_the_selected_patches(page, vilt, records):
 
 def test_activation_patching(page, vilt, records):
     clean, bad = records[0], records[1]
-    status, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
-        f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": 1})
-    assert status == 200
+    seen, response = run_in_background(page, ids.IV_PATCH, {f"{ids.IV_CORRUPTED}.value": 1})
     trace = response[ids.IV_PATCH_GRAPH]["figure"]["data"][0]
     names, columns = patching_columns(page.db.example(0))
     assert trace["x"] == names
@@ -179,22 +228,41 @@ def test_activation_patching(page, vilt, records):
     z = np.frombuffer(base64.b64decode(trace["z"]["bdata"]), dtype=np.float32).reshape(expected.shape)
     assert np.allclose(z, expected, atol=1e-5)
     assert f"Clean (example 0): '{result['clean']['answer']}'" in texts(response[ids.IV_PATCHING]["children"])
+    assert response[ids.IV_PATCHING_RUN]["data"] == {"ex": 0, "corrupted": 1}
+    heads = vilt.patch_heads((clean["image"], clean["text"], patches_of(clean)),
+                             (bad["image"], bad["text"], patches_of(bad)))
+    trace = response[ids.IV_PATCH_HEADS_GRAPH]["figure"]["data"][0]
+    z = np.frombuffer(base64.b64decode(trace["z"]["bdata"]), dtype=np.float32).reshape(2, 4)
+    assert np.allclose(z, heads["patched"] - heads["corrupted"]["logits"][answer], atol=1e-5)
+    assert ids.IV_SWEEP_GRAPH not in response
+    status, response = page.post(f"{ids.HEAD_STORE}.data", f"{ids.IV_PATCH_HEADS_GRAPH}.clickData", {
+        f"{ids.IV_PATCH_HEADS_GRAPH}.clickData": {"points": [{"x": 0, "y": 1}]}})
+    assert status == 200 and response[ids.HEAD_STORE]["data"] == {"layer": 1, "head": 0}
 
 
 def test_activation_patching_refuses_other_token_counts(page):
-    status, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
-        f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": 2})
-    assert status == 200
+    _, response = run_in_background(page, ids.IV_PATCH, {f"{ids.IV_CORRUPTED}.value": 2})
     assert "example 2 has 7 text and 25 image tokens, example 0 8 and 25" in \
-        texts(response[ids.IV_PATCHING]["children"])
+        texts(response[ids.IV_RUN_STATUS]["children"])
+    assert ids.IV_PATCH_GRAPH not in response
     for corrupted in (0, None):
-        status, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
+        status, response = page.post(f"{ids.IV_JOB}.data", f"{ids.IV_PATCH}.n_clicks", {
             f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": corrupted})
-        assert status == 200 and "Pick" in texts(response[ids.IV_PATCHING]["children"])
+        assert status == 200 and "Pick" in texts(response[ids.IV_RUN_STATUS]["children"])
+        assert ids.IV_JOB not in response  # nothing to poll
     for corrupted in (9, "1", 1.5, True):
-        status, _ = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
+        status, _ = page.post(f"{ids.IV_JOB}.data", f"{ids.IV_PATCH}.n_clicks", {
             f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": corrupted})
         assert status == NO_UPDATE
+
+
+@pytest.mark.parametrize("job", [{"kind": "sweep", "ex": 9}, {"kind": "sweep"}, {"kind": "ablation", "ex": 0},
+                                 {"kind": "patching", "ex": 0, "corrupted": 0}, {"kind": "sweep", "ex": 0, "x": 1},
+                                 "sweep", [0]])
+def test_a_crafted_job_is_refused(page, job):
+    status, _ = page.post(f"{ids.IV_RUN_STATUS}.children", f"{ids.IV_POLL}.n_intervals",
+                          {f"{ids.IV_JOB}.data": job, f"{ids.IV_POLL}.n_intervals": 1})
+    assert status == NO_UPDATE
 
 
 def save(page, values):
@@ -224,14 +292,17 @@ def test_the_results_shown_are_saved_as_notes(page, vilt, records):
         f"{ids.IV_DELETION}.n_clicks": 1, f"{ids.ATT_METHOD}.value": "rollout"})
     runs[ids.IV_CURVE_RUN] = response[ids.IV_CURVE_RUN]["data"]
     scores = response[ids.IV_DELETION_GRAPH]["figure"]["data"][0]["y"]
-    _, response = page.post(f"{ids.IV_PATCH_GRAPH}.figure", f"{ids.IV_PATCH}.n_clicks", {
-        f"{ids.IV_PATCH}.n_clicks": 1, f"{ids.IV_CORRUPTED}.value": 1})
+    _, response = run_in_background(page, ids.IV_PATCH, {f"{ids.IV_CORRUPTED}.value": 1})
     runs[ids.IV_PATCHING_RUN] = response[ids.IV_PATCHING_RUN]["data"]
+    _, response = run_in_background(page, ids.IV_SWEEP)
+    runs[ids.IV_SWEEP_RUN] = response[ids.IV_SWEEP_RUN]["data"]
     status, response = save(page, {f"{store}.data": value for store, value in runs.items()})
-    assert status == 200 and response[ids.IV_SAVE_STATUS]["children"] == "Saved 3 notes with example 0."
+    assert status == 200 and response[ids.IV_SAVE_STATUS]["children"] == "Saved 5 notes with example 0."
     notes = db.example(0).notes
-    assert len(notes) == len(before_info.notes) + 3
-    ablation, curve, patching = notes[-3:]
+    assert len(notes) == len(before_info.notes) + 5
+    ablation, curve, patching, head_patching, sweep = notes[-5:]
+    assert "Activation patching of each head's output from this example" in head_patching
+    assert "Head ablation sweep (each of 8 heads zeroed alone)" in sweep
     record = records[0]
     heads = [(0, 2)] + [(1, h) for h in range(4)]
     original = vilt.predict(record["image"], record["text"], patches_of(record))
@@ -281,6 +352,8 @@ def test_nothing_to_save_says_so(page):
     {f"{ids.IV_PATCHING_RUN}.data": {"ex": 0, "corrupted": 0}},
     {f"{ids.IV_PATCHING_RUN}.data": {"ex": 0, "corrupted": 9}},
     {f"{ids.IV_PATCHING_RUN}.data": "forged"},
+    {f"{ids.IV_SWEEP_RUN}.data": {"ex": 0, "heads": []}},
+    {f"{ids.IV_SWEEP_RUN}.data": [0]},
 ])
 def test_saving_refuses_crafted_runs(page, values):
     status, _ = save(page, values)

@@ -1,6 +1,8 @@
 """Head summary: one statistic for every layer and head (plus the layer mean); click to select."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from dash import Input, Output, State, Patch, dcc, html, no_update
 from dash.exceptions import PreventUpdate
@@ -86,6 +88,14 @@ def head_title(head_sel) -> list:
     return ["Selected: ", html.B(head_label(head_sel))]
 
 
+def selected_head(db, layer: int, head: Optional[int]) -> tuple[dict, Patch]:
+    """HEAD_STORE's value and the head summary's outline for a head chosen in any view (0-based, checked;
+    ``head`` None: the layer mean)."""
+    patch = Patch()
+    patch["layout"]["shapes"] = [figures.head_selection_shape(layer, head, db.n_heads)]
+    return {"layer": layer, "head": head}, patch
+
+
 def register_callbacks(app, ctx):
     db = ctx.db
 
@@ -117,10 +127,7 @@ def register_callbacks(app, ctx):
         curve = pt.get("curveNumber")
         if curve not in (0, 1) or isinstance(curve, bool):
             raise PreventUpdate
-        head = None if curve == 1 else as_index(pt.get("x"), db.n_heads)
-        patch = Patch()
-        patch["layout"]["shapes"] = [figures.head_selection_shape(layer, head, db.n_heads)]
-        return {"layer": layer, "head": head}, patch
+        return selected_head(db, layer, None if curve == 1 else as_index(pt.get("x"), db.n_heads))
 
     @app.callback(Output(ids.HEAD_TITLE, "children"), Input(ids.HEAD_STORE, "data"), prevent_initial_call=True)
     def show_head(head_sel):

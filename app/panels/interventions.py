@@ -2,19 +2,23 @@
 what the other views suggest (app.interventions does the runs; this is layout and callbacks).
 
 - Head ablation: the heads chosen (the head summary's selection, a whole layer when it is a layer
-  mean, and / or heads picked here) are zeroed; the top answers before and after.
+  mean, and / or heads picked here) are zeroed; the top answers before and after. The sweep zeroes
+  every head alone and draws the answer's score change per layer and head; a click selects that head.
 - Patch deletion: the original answer's score as the patches are removed, most relevant first by the
   attention panel's method (a deletion curve); or the attention panel's selected patches removed.
 - Activation patching: the current example is the clean run, the one picked here the corrupted run;
   each layer's output at each text token (and at all patches, and everywhere) is patched from the clean
-  run into the corrupted one, and the recovered logit of the clean answer is drawn per layer.
+  run into the corrupted one, and so is each head's output; the recovered logit of the clean answer is
+  drawn per layer × position and per layer × head (a click on a head selects it).
 - Save as notes: the results shown, one line each, stored with the example (``db.add_notes``); the
   example itself never changes. The browser keeps only which runs are shown (the IV_*_RUN stores); the
   server re-reads their results from its cache (or re-runs them) and writes the lines itself.
 
 Present only when the loaded model re-runs stored examples (``supports_interventions``). The model
 runs only on a button press, in the server process, one run at a time (the model's lock); results
-are cached per example and settings. ``dcc.Loading`` shows that it is running.
+are cached per example and settings. ``dcc.Loading`` shows that a single re-run is running; the sweep
+and patching (a forward pass per layer, or more) run in the background (``Interventions.request``)
+while IV_POLL polls their progress into a progress bar, so that the page stays responsive.
 """
 from __future__ import annotations
 
@@ -27,9 +31,10 @@ from dash.exceptions import PreventUpdate
 
 from app import figures, ids
 from app.database.records import RecordError
-from app.interventions import (InterventionError, Interventions, ablation_note, deletion_note, masking_note,
-                               patching_note)
-from app.panels.common import example_info, head_selection, panel, selected_tokens
+from app.interventions import (HeadSweep, InterventionError, Interventions, Patching, ablation_note, deletion_note,
+                               masking_note, patching_note, sweep_note)
+from app.panels.common import as_index, example_info, first_point, head_selection, panel, selected_tokens
+from app.panels.heads import selected_head
 from app.panels.example import prediction_children
 from app.panels.tokens import attention_method
 
@@ -37,6 +42,8 @@ USE_SELECTED = "selected"  # IV_USE_SELECTED's value: ablate the head summary's 
 HEAD_VALUE = re.compile(r"(\d{1,4})-(\d{1,4}|all)")  # IV_HEADS values: "layer-head" or "layer-all", 0-based
 HIDDEN = {"display": "none"}
 SHOWN = {}
+POLL_MS = 400  # how often the page asks how far a background run is
+RUN_NAMES = {"sweep": "Ablating each head", "patching": "Patching each layer's positions and heads"}
 
 
 def available(ctx) -> bool:
@@ -129,8 +136,13 @@ def layout(ctx):
             dcc.Dropdown(id=ids.IV_HEADS, options=head_options(db.n_layers, db.n_heads), multi=True,
                          placeholder="and heads / layers…", className="iv-heads"),
             html.Button("Zero them", id=ids.IV_ABLATE, className="btn"),
+            html.Button("Ablate each head", id=ids.IV_SWEEP, className="btn",
+                        title="zero every head alone, one after another: the answer's score without each head "
+                              "(click a cell to select that head)"),
         ], className="controls"),
         dcc.Loading(html.Div(id=ids.IV_ABLATION, className="iv-result"), **loading),
+        dcc.Graph(id=ids.IV_SWEEP_GRAPH, className="iv-graph", **graph),
+        html.Div(id=ids.IV_SWEEP_TEXT, className="iv-result"),
         html.H3("Patch deletion", className="iv-section"),
         html.Div([
             html.Button("Deletion curve", id=ids.IV_DELETION, className="btn",
@@ -149,8 +161,12 @@ def layout(ctx):
             html.Button("Patch", id=ids.IV_PATCH, className="btn",
                         title="this example is the clean run; the one picked the corrupted run"),
         ], className="controls"),
-        dcc.Loading([dcc.Graph(id=ids.IV_PATCH_GRAPH, className="iv-graph", **graph),
-                     html.Div(id=ids.IV_PATCHING, className="iv-result")], **loading),
+        dcc.Graph(id=ids.IV_PATCH_GRAPH, className="iv-graph", **graph),
+        dcc.Graph(id=ids.IV_PATCH_HEADS_GRAPH, className="iv-graph", **graph),
+        html.Div(id=ids.IV_PATCHING, className="iv-result"),
+        html.Div(id=ids.IV_RUN_STATUS, className="iv-result", role="status"),
+        dcc.Interval(id=ids.IV_POLL, interval=POLL_MS, disabled=True),
+        dcc.Store(id=ids.IV_JOB),
         html.Div([
             html.Button("Save as notes", id=ids.IV_SAVE_NOTE, className="btn",
                         title="store the results shown above with this example, one note each (shown with the "
@@ -158,7 +174,7 @@ def layout(ctx):
             html.Span(id=ids.IV_SAVE_STATUS, className="muted", role="status"),
         ], className="controls iv-save"),
         *[dcc.Store(id=store) for store in (ids.IV_ABLATION_RUN, ids.IV_CURVE_RUN, ids.IV_MASK_RUN,
-                                            ids.IV_PATCHING_RUN)],
+                                            ids.IV_PATCHING_RUN, ids.IV_SWEEP_RUN)],
         class_name="interventions",
     ), id=ids.IV_PANEL)
 
@@ -216,32 +232,59 @@ def register_callbacks(app, ctx):
                                                className="muted"), comparison(before, after, "patches removed")], \
             no_update, {"ex": ex_id, "tokens": patches}
 
-    @app.callback(Output(ids.IV_PATCH_GRAPH, "figure"), Output(ids.IV_PATCH_GRAPH, "style"),
-                  Output(ids.IV_PATCHING, "children"), Output(ids.IV_PATCHING_RUN, "data"),
-                  Input(ids.IV_PATCH, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
+    @app.callback(Output(ids.IV_JOB, "data"), Output(ids.IV_RUN_STATUS, "children"),
+                  Input(ids.IV_SWEEP, "n_clicks"), Input(ids.IV_PATCH, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
                   State(ids.IV_CORRUPTED, "value"), prevent_initial_call=True)
-    def patch_activations(_clicks, ex_id, corrupted):
-        if dctx.triggered_id != ids.IV_PATCH:
-            return no_update, HIDDEN, None, None
+    def start_run(_sweep, _patch, ex_id, corrupted):
+        """A button names the background run to poll (IV_JOB); another example forgets it."""
+        trigger = dctx.triggered_id
+        if trigger not in (ids.IV_SWEEP, ids.IV_PATCH):
+            return None, None
         example_info(db, ex_id)
+        if trigger == ids.IV_SWEEP:
+            return {"kind": "sweep", "ex": ex_id}, no_update
         if corrupted is None:
-            return no_update, HIDDEN, html.Div("Pick the corrupted example first.", className="iv-error"), None
+            return no_update, html.Div("Pick the corrupted example first.", className="iv-error")
         example_info(db, corrupted)
         if corrupted == ex_id:
-            return no_update, HIDDEN, html.Div("Pick another example than this one as the corrupted run.",
-                                               className="iv-error"), None
-        try:
-            result = runs.patching(ex_id, corrupted)
-        except InterventionError as error:
-            return no_update, HIDDEN, _error(error), None
-        clean, bad = result.clean_prediction, result.corrupted_prediction
-        answer = clean["answer"]
-        fig = figures.activation_patching_figure(result.difference, result.columns, result.recovered, answer)
-        margin = float(clean["logits"][clean["index"]] - bad["logits"][clean["index"]])
-        return fig, SHOWN, html.Div(
-            f"Clean (example {ex_id}): '{answer}'; corrupted (example {corrupted}): '{bad['answer']}'. The logit "
-            f"of '{answer}' is {margin:+.3f} higher in the clean run.", className="muted"), \
-            {"ex": ex_id, "corrupted": corrupted}
+            return no_update, html.Div("Pick another example than this one as the corrupted run.",
+                                       className="iv-error")
+        return {"kind": "patching", "ex": ex_id, "corrupted": corrupted}, no_update
+
+    @app.callback(Output(ids.IV_RUN_STATUS, "children", allow_duplicate=True), Output(ids.IV_POLL, "disabled"),
+                  Output(ids.IV_SWEEP_GRAPH, "figure"), Output(ids.IV_SWEEP_GRAPH, "style"),
+                  Output(ids.IV_SWEEP_TEXT, "children"), Output(ids.IV_SWEEP_RUN, "data"),
+                  Output(ids.IV_PATCH_GRAPH, "figure"), Output(ids.IV_PATCH_GRAPH, "style"),
+                  Output(ids.IV_PATCH_HEADS_GRAPH, "figure"), Output(ids.IV_PATCH_HEADS_GRAPH, "style"),
+                  Output(ids.IV_PATCHING, "children"), Output(ids.IV_PATCHING_RUN, "data"),
+                  Input(ids.IV_JOB, "data"), Input(ids.IV_POLL, "n_intervals"), prevent_initial_call=True)
+    def poll_run(job, _n):
+        """The polled run's progress while it runs; its figures once done (the other run's stay)."""
+        sweep_out, patch_out = [no_update] * 4, [no_update] * 6
+        if job is None:  # another example: nothing shown is about it
+            return (None, True, no_update, HIDDEN, None, None, no_update, HIDDEN, no_update, HIDDEN, None, None)
+        kind, args = background_run(db, job)
+        status = runs.request(kind, *args)
+        if status["state"] == "running":
+            fraction = status["fraction"]
+            return ([html.Progress(value=fraction, max=1, className="iv-progress"),
+                     html.Span(f" {RUN_NAMES[kind]}… {100 * fraction:.0f} %", className="muted")],
+                    False, *sweep_out, *patch_out)
+        if status["state"] == "error":
+            return _error(InterventionError(status["message"])), True, *sweep_out, *patch_out
+        if kind == "sweep":
+            return (None, True, *sweep_view(runs.head_sweep(*args)), {"ex": args[0]}, *patch_out)
+        return (None, True, *sweep_out, *patching_view(runs.patching(*args), runs.head_patching(*args)),
+                {"ex": args[0], "corrupted": args[1]})
+
+    @app.callback(Output(ids.HEAD_STORE, "data", allow_duplicate=True),
+                  Output(ids.HEAD_GRAPH, "figure", allow_duplicate=True),
+                  Input(ids.IV_SWEEP_GRAPH, "clickData"), Input(ids.IV_PATCH_HEADS_GRAPH, "clickData"),
+                  prevent_initial_call=True)
+    def open_head(sweep_click, patch_click):
+        """A click on a head of the sweep or of head patching selects it, as a click on the head summary does."""
+        pt = first_point(sweep_click if dctx.triggered_id == ids.IV_SWEEP_GRAPH else patch_click)
+        return selected_head(db, as_index(pt.get("y"), db.n_layers), as_index(pt.get("x"), db.n_heads))
 
     @app.callback(Output(ids.IV_CORRUPTED, "options"), Input(ids.EXAMPLE_SELECT, "options"),
                   prevent_initial_call=True)
@@ -251,13 +294,13 @@ def register_callbacks(app, ctx):
     @app.callback(Output(ids.IV_SAVE_STATUS, "children"), Output(ids.PREDICTION, "children", allow_duplicate=True),
                   Input(ids.IV_SAVE_NOTE, "n_clicks"), Input(ids.EXAMPLE_SELECT, "value"),
                   State(ids.IV_ABLATION_RUN, "data"), State(ids.IV_CURVE_RUN, "data"), State(ids.IV_MASK_RUN, "data"),
-                  State(ids.IV_PATCHING_RUN, "data"), prevent_initial_call=True)
-    def save_notes(_clicks, ex_id, ablation, curve, mask, patching):
+                  State(ids.IV_PATCHING_RUN, "data"), State(ids.IV_SWEEP_RUN, "data"), prevent_initial_call=True)
+    def save_notes(_clicks, ex_id, ablation, curve, mask, patching, sweep):
         if dctx.triggered_id != ids.IV_SAVE_NOTE:
             return None, no_update
         info = example_info(db, ex_id)
         try:
-            shown = result_notes(db, runs, ex_id, ablation, curve, mask, patching)
+            shown = result_notes(db, runs, ex_id, ablation, curve, mask, patching, sweep)
         except InterventionError as error:
             return _error(error), no_update
         if not shown:
@@ -284,7 +327,46 @@ def run_of(value, ex_id: int, fields: tuple) -> Optional[dict]:
     return value if value["ex"] == ex_id else None
 
 
-def result_notes(db, runs: Interventions, ex_id: int, ablation, curve, mask, patching) -> list[str]:
+def background_run(db, job) -> tuple[str, tuple]:
+    """The ``Interventions.request`` arguments of an IV_JOB value, checked against the database."""
+    if not isinstance(job, dict) or job.get("kind") not in RUN_NAMES:
+        raise PreventUpdate
+    fields = {"sweep": {"kind", "ex"}, "patching": {"kind", "ex", "corrupted"}}[job["kind"]]
+    if set(job) != fields:
+        raise PreventUpdate
+    ex_id = example_info(db, job["ex"]).ex_id
+    if job["kind"] == "sweep":
+        return "sweep", (ex_id,)
+    corrupted = example_info(db, job["corrupted"]).ex_id
+    if corrupted == ex_id:
+        raise PreventUpdate
+    return "patching", (ex_id, corrupted)
+
+
+def sweep_view(sweep: HeadSweep) -> tuple:
+    """The sweep's figure, its style and its line."""
+    original = sweep.original
+    fig = figures.head_ablation_sweep_figure(sweep.scores, sweep.answers, original["answer"], original["score"])
+    flipped = sum(answer != original["answer"] for row in sweep.answers for answer in row)
+    return fig, SHOWN, html.Div(
+        f"Re-run answer '{original['answer']}' ({original['score']:.3f}); {flipped} of {sweep.scores.size} heads "
+        "change it when zeroed alone. Click a head to select it.", className="muted")
+
+
+def patching_view(positions: Patching, heads: Patching) -> tuple:
+    """The two patching figures, their styles and the line under them."""
+    clean, bad = positions.clean_prediction, positions.corrupted_prediction
+    answer = clean["answer"]
+    margin = float(clean["logits"][clean["index"]] - bad["logits"][clean["index"]])
+    return (figures.activation_patching_figure(positions.difference, positions.columns, positions.recovered,
+                                               answer), SHOWN,
+            figures.head_patching_figure(heads.difference, heads.recovered, answer), SHOWN,
+            html.Div(f"Clean (example {positions.clean}): '{answer}'; corrupted (example {positions.corrupted}): "
+                     f"'{bad['answer']}'. The logit of '{answer}' is {margin:+.3f} higher in the clean run. Click a "
+                     "head to select it.", className="muted"))
+
+
+def result_notes(db, runs: Interventions, ex_id: int, ablation, curve, mask, patching, sweep=None) -> list[str]:
     """The note of each run shown for example ``ex_id``, read back from ``runs`` (cached: no model run
     unless it was evicted), the browser's values checked as the buttons check them."""
     info = db.example(ex_id)
@@ -306,4 +388,7 @@ def result_notes(db, runs: Interventions, ex_id: int, ablation, curve, mask, pat
         if corrupted == ex_id:
             raise PreventUpdate
         notes.append(patching_note(runs.patching(ex_id, corrupted)))
+        notes.append(patching_note(runs.head_patching(ex_id, corrupted)))
+    if run_of(sweep, ex_id, ()) is not None:
+        notes.append(sweep_note(runs.head_sweep(ex_id)))
     return notes

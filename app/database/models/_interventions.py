@@ -58,3 +58,26 @@ def zeroing_heads(zeroed, head_dim: int):
             context[..., head * head_dim:(head + 1) * head_dim] = 0
         return (context, *args[1:])
     return hook
+
+
+def recording_context(store: list, index: int):
+    """A forward pre-hook for an attention output projection that keeps its input (the heads' contexts,
+    ``(batch, n, heads * head_dim)``) of the batch's first row in ``store[index]``: the clean run's head
+    outputs that :func:`heads_per_row` patches in."""
+    def hook(_module, args):
+        store[index] = args[0][0].detach().clone()
+    return hook
+
+
+def heads_per_row(heads, head_dim: int, clean=None):
+    """A forward pre-hook for an attention output projection that changes one head per row of the batch:
+    row ``r`` gets head ``heads[r]``'s slice of the context zeroed (``clean`` None: a head ablation sweep)
+    or replaced by ``clean``'s, the clean run's context ``(n, heads * head_dim)`` (activation patching of a
+    head's output). One forward pass then sweeps every head of a layer."""
+    def hook(_module, args):
+        context = args[0].clone()
+        for row, head in enumerate(heads):
+            part = slice(head * head_dim, (head + 1) * head_dim)
+            context[row, ..., part] = 0 if clean is None else clean[..., part]
+        return (context, *args[1:])
+    return hook

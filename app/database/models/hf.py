@@ -31,7 +31,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from app.database.analysis import gradient_relevancy
-from app.database.models._interventions import TOP_ANSWERS, heads_by_layer, hooked, zeroing_heads
+from app.database.models._interventions import (TOP_ANSWERS, heads_by_layer, heads_per_row, hooked,
+                                                recording_context, zeroing_heads)
 from app.database.models.vl_model import VL_Model
 
 # config.model_type -> "module:Class" of its adapter, imported only when a checkpoint needs it
@@ -442,6 +443,29 @@ class Hf(VL_Model):
                 logits = self._answer_logits(run)
             return self._rerun_prediction(logits[0], run)
 
+    def ablate_each_head(self, image, text: str, patches=None, progress=None) -> dict:
+        """Per layer, batches of up to RERUN_BATCH rows, row r with head r zeroed at ``o_proj``'s input."""
+        layers = self._decoder_layers()
+        n_heads = int(self.text_config.num_attention_heads)
+        with self._lock:
+            run = self._rerun(image, text, patches)
+            original = self._rerun_prediction(self._answer_logits(run)[0], run)
+            scores = np.zeros((len(layers), n_heads), dtype=np.float32)
+            answers = []
+            for layer, module in enumerate(layers):
+                predictions = []
+                for start in range(0, n_heads, RERUN_BATCH):
+                    heads = list(range(start, min(start + RERUN_BATCH, n_heads)))
+                    hook = heads_per_row(heads, int(module.self_attn.head_dim))
+                    with hooked([(module.self_attn.o_proj, "pre", hook)]):
+                        logits = self._answer_logits(run, len(heads))
+                    predictions += [self._rerun_prediction(row, run) for row in logits]
+                scores[layer] = [p["scores"][original["index"]] for p in predictions]
+                answers.append([p["answer"] for p in predictions])
+                if progress is not None:
+                    progress(layer + 1, len(layers))
+            return {"original": original, "scores": scores, "answers": answers}
+
     def mask_patches(self, image, text: str, removed_sets, patches=None) -> list:
         """Removing an image token masks it out of the language model's attention in every layer: no other
         token attends to it (its key column gets the mask's minimum, as padding does; its own row keeps
@@ -470,15 +494,12 @@ class Hf(VL_Model):
                 predictions += [self._rerun_prediction(row, run) for row in logits]
             return predictions
 
-    def patch_activations(self, clean, corrupted, columns) -> dict:
+    def patch_activations(self, clean, corrupted, columns, progress=None) -> dict:
         """The clean answer's logit is its first token's, where the answer starts; a layer's output is its
         decoder layer's (the residual stream after it). Positions after the prompt's last token cannot change
         that logit (the model is causal), so patching them gives the corrupted run's logit."""
         with self._lock:
-            source, target = self._rerun(*clean), self._rerun(*corrupted)
-            if _layout(source) != _layout(target):
-                raise ValueError(f"the clean input has {_layout_text(source)}, the corrupted one "
-                                 f"{_layout_text(target)}: positions would not match")
+            source, target = self._pair(clean, corrupted)
             n = len(source.tokens)
             columns = [[int(p) for p in column] for column in columns]
             bad = [column for column in columns if not column or not all(0 <= p < n for p in column)]
@@ -503,7 +524,43 @@ class Hf(VL_Model):
                     with hooked([(module, "post", _patching_in(clean_states[layer], chunk))]):
                         logits = self._answer_logits(target, len(chunk))
                     patched[layer, start:start + len(chunk)] = logits[:, answer].cpu().numpy()
+                if progress is not None:
+                    progress(layer + 1, len(layers))
             return {"clean": clean_prediction, "corrupted": corrupted_prediction, "patched": patched}
+
+    def patch_heads(self, clean, corrupted, progress=None) -> dict:
+        """The clean run's contexts are recorded at every ``o_proj``'s input, then patched in one head per
+        row of the corrupted run's batch, at every position (only the prompt's can change the answer's logit)."""
+        layers = self._decoder_layers()
+        n_heads = int(self.text_config.num_attention_heads)
+        with self._lock:
+            source, target = self._pair(clean, corrupted)
+            contexts = [None] * len(layers)
+            with hooked([(module.self_attn.o_proj, "pre", recording_context(contexts, layer))
+                         for layer, module in enumerate(layers)]):
+                clean_prediction = self._rerun_prediction(self._answer_logits(source)[0], source)
+            corrupted_prediction = self._rerun_prediction(self._answer_logits(target)[0], target)
+            answer = clean_prediction["index"]
+            patched = np.zeros((len(layers), n_heads), dtype=np.float32)
+            for layer, module in enumerate(layers):
+                for start in range(0, n_heads, RERUN_BATCH):
+                    heads = list(range(start, min(start + RERUN_BATCH, n_heads)))
+                    hook = heads_per_row(heads, int(module.self_attn.head_dim), contexts[layer])
+                    with hooked([(module.self_attn.o_proj, "pre", hook)]):
+                        logits = self._answer_logits(target, len(heads))
+                    patched[layer, start:start + len(heads)] = logits[:, answer].cpu().numpy()
+                if progress is not None:
+                    progress(layer + 1, len(layers))
+            return {"clean": clean_prediction, "corrupted": corrupted_prediction, "patched": patched}
+
+    def _pair(self, clean, corrupted) -> tuple:
+        """The re-runs of a clean and a corrupted ``(image, text, patches)``, refused unless their tokens
+        line up (patching needs the same positions)."""
+        source, target = self._rerun(*clean), self._rerun(*corrupted)
+        if _layout(source) != _layout(target):
+            raise ValueError(f"the clean input has {_layout_text(source)}, the corrupted one "
+                             f"{_layout_text(target)}: positions would not match")
+        return source, target
 
     def _decoder_layers(self):
         return self.model.get_decoder().layers

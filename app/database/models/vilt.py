@@ -46,7 +46,8 @@ from transformers import (
 )
 
 from app.database.analysis import gradient_relevancy
-from app.database.models._interventions import TOP_ANSWERS, heads_by_layer, hooked, zeroing_heads
+from app.database.models._interventions import (TOP_ANSWERS, heads_by_layer, heads_per_row, hooked,
+                                                recording_context, zeroing_heads)
 from app.database.models.vl_model import VL_Model, pixels_to_image, same_answer
 
 HEADS = {
@@ -299,15 +300,32 @@ class Vilt(VL_Model):
 
     def ablate(self, image, text: str, heads, patches=None) -> dict:
         by_layer = heads_by_layer(heads, int(self.config.num_hidden_layers), int(self.config.num_attention_heads))
-        head_dim = int(self.config.hidden_size) // int(self.config.num_attention_heads)
-        # the input of attention.output.dense is the heads' contexts side by side: (batch, n, heads*dim)
-        hooks = [(self.vilt.encoder.layer[layer].attention.output.dense, "pre", zeroing_heads(zeroed, head_dim))
+        hooks = [(self._head_outputs(layer), "pre", zeroing_heads(zeroed, self._head_dim))
                  for layer, zeroed in by_layer.items()]
         with self._lock:
             run = self._rerun(image, text, patches)
             with hooked(hooks):
                 logits = self._logits(run)
             return self._rerun_prediction(logits[0], run)
+
+    def ablate_each_head(self, image, text: str, patches=None, progress=None) -> dict:
+        """One forward pass per layer, a batch of one row per head, row h with head h zeroed."""
+        heads = list(range(int(self.config.num_attention_heads)))
+        n_layers = len(self.vilt.encoder.layer)
+        with self._lock:
+            run = self._rerun(image, text, patches)
+            original = self._rerun_prediction(self._logits(run)[0], run)
+            scores = np.zeros((n_layers, len(heads)), dtype=np.float32)
+            answers = []
+            for layer in range(n_layers):
+                with hooked([(self._head_outputs(layer), "pre", heads_per_row(heads, self._head_dim))]):
+                    logits = self._logits(run, run.pixel_mask.repeat(len(heads), 1))
+                predictions = [self._rerun_prediction(row, run) for row in logits]
+                scores[layer] = [p["scores"][original["index"]] for p in predictions]
+                answers.append([p["answer"] for p in predictions])
+                if progress is not None:
+                    progress(layer + 1, n_layers)
+            return {"original": original, "scores": scores, "answers": answers}
 
     def mask_patches(self, image, text: str, removed_sets, patches=None) -> list:
         """Removing an image token sets its ``pixel_mask`` entry to 0: no token attends to it any more
@@ -326,13 +344,9 @@ class Vilt(VL_Model):
             logits = self._logits(run, masks) if len(removed_sets) else []
             return [self._rerun_prediction(row, run) for row in logits]
 
-    def patch_activations(self, clean, corrupted, columns) -> dict:
+    def patch_activations(self, clean, corrupted, columns, progress=None) -> dict:
         with self._lock:
-            source, target = self._rerun(*clean), self._rerun(*corrupted)
-            if (source.txt_len, len(source.tokens)) != (target.txt_len, len(target.tokens)):
-                raise ValueError(f"the clean input has {source.txt_len} text and {len(source.tokens) - source.txt_len} "
-                                 f"image tokens, the corrupted one {target.txt_len} and "
-                                 f"{len(target.tokens) - target.txt_len}: positions would not match")
+            source, target = self._pair(clean, corrupted)
             n = len(source.tokens)
             columns = [[int(p) for p in column] for column in columns]
             bad = [column for column in columns if not column or not all(0 <= p < n for p in column)]
@@ -342,7 +356,8 @@ class Vilt(VL_Model):
             clean_prediction = self._rerun_prediction(clean_logits[0], source)
             corrupted_prediction = self._rerun_prediction(self._logits(target)[0], target)
             answer = clean_prediction["index"]
-            patched = np.zeros((len(self.vilt.encoder.layer), len(columns)), dtype=np.float32)
+            n_layers = len(self.vilt.encoder.layer)
+            patched = np.zeros((n_layers, len(columns)), dtype=np.float32)
             for layer, module in enumerate(self.vilt.encoder.layer):
                 clean_state = states[layer + 1][0]  # the output of this layer (hidden_states[0]: the embeddings)
 
@@ -355,7 +370,50 @@ class Vilt(VL_Model):
                 with hooked([(module, "post", patch_in)]):
                     logits = self._logits(target, target.pixel_mask.repeat(len(columns), 1))
                 patched[layer] = logits[:, answer].float().cpu().numpy()
+                if progress is not None:
+                    progress(layer + 1, n_layers)
             return {"clean": clean_prediction, "corrupted": corrupted_prediction, "patched": patched}
+
+    def patch_heads(self, clean, corrupted, progress=None) -> dict:
+        """The clean run's contexts are recorded at every layer's ``attention.output.dense``; then one
+        forward pass of the corrupted run per layer, row h with head h's context from the clean run."""
+        heads = list(range(int(self.config.num_attention_heads)))
+        n_layers = len(self.vilt.encoder.layer)
+        with self._lock:
+            source, target = self._pair(clean, corrupted)
+            contexts = [None] * n_layers
+            with hooked([(self._head_outputs(layer), "pre", recording_context(contexts, layer))
+                         for layer in range(n_layers)]):
+                clean_prediction = self._rerun_prediction(self._logits(source)[0], source)
+            corrupted_prediction = self._rerun_prediction(self._logits(target)[0], target)
+            answer = clean_prediction["index"]
+            patched = np.zeros((n_layers, len(heads)), dtype=np.float32)
+            for layer in range(n_layers):
+                patch_in = heads_per_row(heads, self._head_dim, contexts[layer])
+                with hooked([(self._head_outputs(layer), "pre", patch_in)]):
+                    logits = self._logits(target, target.pixel_mask.repeat(len(heads), 1))
+                patched[layer] = logits[:, answer].float().cpu().numpy()
+                if progress is not None:
+                    progress(layer + 1, n_layers)
+            return {"clean": clean_prediction, "corrupted": corrupted_prediction, "patched": patched}
+
+    def _pair(self, clean, corrupted) -> tuple:
+        """The re-runs of a clean and a corrupted ``(image, text, patches)``, refused unless their tokens
+        line up (patching needs the same positions)."""
+        source, target = self._rerun(*clean), self._rerun(*corrupted)
+        if (source.txt_len, len(source.tokens)) != (target.txt_len, len(target.tokens)):
+            raise ValueError(f"the clean input has {source.txt_len} text and {len(source.tokens) - source.txt_len} "
+                             f"image tokens, the corrupted one {target.txt_len} and "
+                             f"{len(target.tokens) - target.txt_len}: positions would not match")
+        return source, target
+
+    def _head_outputs(self, layer: int):
+        """The module whose input is layer ``layer``'s heads' contexts side by side, (batch, n, heads * dim)."""
+        return self.vilt.encoder.layer[layer].attention.output.dense
+
+    @property
+    def _head_dim(self) -> int:
+        return int(self.config.hidden_size) // int(self.config.num_attention_heads)
 
     def _rerun(self, image, text: str, patches=None) -> _Rerun:
         """The inputs for ``image`` and ``text``: every valid patch embedded (no sampling), then the image

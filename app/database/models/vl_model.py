@@ -121,7 +121,7 @@ class VL_Model(abc.ABC):  # noqa: N801 - the name users' existing classes subcla
     # row-major). Token positions are in the stored order (text, image special tokens, patches). A
     # prediction is {"answer", "score", "index" (into "logits"), "top": [[answer, score], ...],
     # "logits", "scores" (float32 arrays over the answers), "tokens" (the re-run's tokens)}.
-    # Optional: a model that implements the four methods below sets this True (Vilt does); the
+    # Optional: a model that implements the six methods below sets this True (Vilt does); the
     # interventions panel is shown only for such models, so the defaults never run from the page.
     supports_interventions = False
 
@@ -137,12 +137,27 @@ class VL_Model(abc.ABC):  # noqa: N801 - the name users' existing classes subcla
         """One prediction per list of image token positions in ``removed_sets``, those tokens removed."""
         raise NotImplementedError(f"{type(self).__name__} does not mask image tokens")
 
-    def patch_activations(self, clean, corrupted, columns) -> dict:
+    def patch_activations(self, clean, corrupted, columns, progress=None) -> dict:
         """Activation patching: ``clean``, ``corrupted`` are ``(image, text, patches)``; for every layer
         and every list of positions in ``columns``, the clean answer's logit when the corrupted run gets
         the clean run's output of that layer at those positions. Returns {"clean", "corrupted"
-        (predictions), "patched" (float32 (n_layers, len(columns)))}."""
+        (predictions), "patched" (float32 (n_layers, len(columns)))}. ``progress(done, total)``, when
+        given, is called as the layers are done (the page draws a progress bar from it)."""
         raise NotImplementedError(f"{type(self).__name__} does not patch activations")
+
+    def patch_heads(self, clean, corrupted, progress=None) -> dict:
+        """Activation patching per head: for every layer and head, the clean answer's logit when the
+        corrupted run gets the clean run's output of that head (its context at the input of the attention
+        output projection, at every position). Returns {"clean", "corrupted", "patched" (float32
+        (n_layers, n_heads))}; ``progress`` as in :meth:`patch_activations`."""
+        raise NotImplementedError(f"{type(self).__name__} does not patch heads")
+
+    def ablate_each_head(self, image, text: str, patches=None, progress=None) -> dict:
+        """The head ablation sweep: every head zeroed alone. Returns {"original" (the unchanged re-run's
+        prediction), "scores" (float32 (n_layers, n_heads): the original answer's score with that head
+        zeroed), "answers" (the top answer then, a list of n_layers lists)}; ``progress`` as in
+        :meth:`patch_activations`."""
+        raise NotImplementedError(f"{type(self).__name__} does not ablate heads")
 
     @staticmethod
     def load_image(path) -> np.ndarray:
