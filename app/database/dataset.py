@@ -95,35 +95,32 @@ def load_index(db) -> DatasetIndex:
     """Read every example's description and head statistics (one pass over the database). An example
     with a damaged stored value is left out and listed in ``damaged`` (the rest stays usable)."""
     version = db.version()  # read first: a write during the pass leaves the index stale, not wrong
-    ex_ids, damaged, read = [], [], []
-    for ex_id in db.example_ids():
-        try:
-            read.append((db.example(ex_id), db.head_statistics(ex_id)))
-            ex_ids.append(ex_id)
-        except CorruptValueError as error:
-            damaged.append((ex_id, str(error)))
     names = tuple(db.statistic_names())
     n_layers, n_heads = db.n_layers or 0, db.n_heads or 0
-    values = np.empty((len(ex_ids), len(names), n_layers, n_heads), np.float32)
-    texts, answers, labels = [], [], []
-    scores = np.full(len(ex_ids), np.nan)
-    correct = np.empty(len(ex_ids), np.int8)
-    n_tokens = np.empty(len(ex_ids), np.int32)
-    for i, (info, statistics) in enumerate(read):
-        for s, name in enumerate(names):
-            values[i, s] = statistics[name]
+    ex_ids, damaged, values = [], [], []
+    texts, answers, labels, scores, correct, n_tokens = [], [], [], [], [], []
+    for ex_id in db.example_ids():  # one example at a time: its description is dropped once read
+        try:
+            info, statistics = db.example(ex_id), db.head_statistics(ex_id)
+        except CorruptValueError as error:
+            damaged.append((ex_id, str(error)))
+            continue
+        ex_ids.append(ex_id)
+        values.append(np.stack([statistics[name] for name in names]).astype(np.float32) if names else
+                      np.empty((0, n_layers, n_heads), np.float32))
         words = [t for t, text, sp in zip(info.tokens, info.is_text, info.special) if text and not sp]
         texts.append(info.text if info.text else " ".join(words))
         prediction = info.prediction or {}
         answers.append("" if prediction.get("answer") is None else str(prediction["answer"]))
         labels.append("" if prediction.get("label") is None else str(prediction["label"]))
-        if prediction.get("score") is not None:
-            scores[i] = float(prediction["score"])
-        correct[i] = -1 if info.accuracy is None else int(bool(info.accuracy))
-        n_tokens[i] = info.n_tokens
-    return DatasetIndex(version=version, ex_ids=np.asarray(ex_ids, np.int64), stat_names=names, values=values,
-                        texts=tuple(texts), answers=tuple(answers), labels=tuple(labels), scores=scores,
-                        correct=correct, n_tokens=n_tokens, damaged=tuple(damaged))
+        scores.append(np.nan if prediction.get("score") is None else float(prediction["score"]))
+        correct.append(-1 if info.accuracy is None else int(bool(info.accuracy)))
+        n_tokens.append(info.n_tokens)
+    stacked = np.stack(values) if values else np.empty((0, len(names), n_layers, n_heads), np.float32)
+    return DatasetIndex(version=version, ex_ids=np.asarray(ex_ids, np.int64), stat_names=names, values=stacked,
+                        texts=tuple(texts), answers=tuple(answers), labels=tuple(labels),
+                        scores=np.asarray(scores, np.float64), correct=np.asarray(correct, np.int8),
+                        n_tokens=np.asarray(n_tokens, np.int32), damaged=tuple(damaged))
 
 
 class DatasetCache:
