@@ -17,7 +17,8 @@ import plotly.io
 
 from app import figures
 
-__all__ = ["attention_csv", "statistics_csv", "matrix_npy", "report_html"]
+__all__ = ["attention_csv", "statistics_csv", "matrix_npy", "report_html", "head_grid_csv", "ranked_csv",
+           "examples_csv"]
 
 
 def _kind(info, token: int) -> str:
@@ -51,6 +52,58 @@ def statistics_csv(statistics: dict, descriptions: dict) -> str:
         for (layer, head), value in np.ndenumerate(np.asarray(values, dtype=np.float64)):
             writer.writerow([name, layer + 1, head + 1, repr(float(value)) if np.isfinite(value) else "",
                              descriptions.get(name, "")])
+    return out.getvalue()
+
+
+def _value(value) -> str:
+    """A CSV cell: floats in full (``repr``), NaN as an empty cell, booleans as yes / no."""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value)) if np.isfinite(value) else ""
+    return "" if value is None else str(value)
+
+
+def head_grid_csv(what: str, columns: dict, n_heads: int) -> str:
+    """Per-head numbers of a dataset view, one row per layer and head: ``columns`` maps a column name to
+    an (L, H) array, or an (L, H + 1) one whose last column is the layer mean (written as head "mean");
+    layers and heads 1-based as the page shows them. ``what`` heads the file as a comment line."""
+    out = io.StringIO()
+    out.write(f"# {what}\n")
+    writer = csv.writer(out, lineterminator="\n")
+    arrays = [np.asarray(a) for a in columns.values()]
+    writer.writerow(["layer", "head", *columns])
+    n_layers, width = arrays[0].shape
+    for layer in range(n_layers):
+        for head in range(width):
+            writer.writerow([layer + 1, head + 1 if head < n_heads else "mean",
+                             *(_value(a[layer, head]) for a in arrays)])
+    return out.getvalue()
+
+
+def ranked_csv(what: str, groups: Sequence[tuple[str, Sequence[tuple[int, float, str]]]]) -> str:
+    """The drill-down's ranked examples: ``groups`` is ``[("highest", [(ex_id, value, text), ...]),
+    ("lowest", ...)]``; one row per example with its group and rank (1 = the most extreme)."""
+    out = io.StringIO()
+    out.write(f"# {what}\n")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["group", "rank", "example", "value", "text"])
+    for group, items in groups:
+        for rank, (ex_id, value, text) in enumerate(items, 1):
+            writer.writerow([group, rank, ex_id, _value(value), text])
+    return out.getvalue()
+
+
+def examples_csv(what: str, columns: Sequence[tuple[str, str]], rows: Sequence[dict]) -> str:
+    """Table rows (dicts) under their titles: ``columns`` is ``[(key, title), ...]``."""
+    out = io.StringIO()
+    out.write(f"# {what}\n")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([title for _, title in columns])
+    for row in rows:
+        writer.writerow([_value(row.get(key)) for key, _ in columns])
     return out.getvalue()
 
 

@@ -137,6 +137,9 @@ EXPORT_REPORT = "export-report"  # the example's one-file HTML report
 EXPORT_ATTENTION = "export-attention"  # the attention row(s) shown, as CSV
 EXPORT_STATISTICS = "export-statistics"  # every statistic of every head of the example, as CSV
 EXPORT_MATRIX = "export-matrix"  # the selected head's attention matrix, as .npy
+EXPORT_DATASET_TABLE = "export-dataset-table"  # the filtered examples (every column, in table order), as CSV
+EXPORT_DATASET_VIEW = "export-dataset-view"  # the dataset heatmap's numbers per head (mean or contrast), as CSV
+EXPORT_DATASET_RANKED = "export-dataset-ranked"  # the drill-down's ranked examples, as CSV
 IMAGE_EXPORT = "image-export"  # pattern {"type": IMAGE_EXPORT, "graph": id, "format": "png" | "svg"}
 IMAGE_EXPORT_DONE = "image-export-done"  # the clientside download's (unused) output
 # Links that reopen a view (app/panels/links.py): the page state in the URL's query string.

@@ -242,3 +242,86 @@ def test_no_dataset_callback_fires_on_page_load(db):
     """The table and heatmap are in the layout: a callback firing on load would compute them twice."""
     app = dataset_app(db)
     assert [c["output"] for c in app._callback_list if not c.get("prevent_initial_call")] == []
+
+
+def test_downloads_hold_the_numbers_behind_the_views(page, db):
+    """The three CSVs, against the custom metric "m" of the fixture computed here: the filtered examples
+    in table order; the mean view's mean, std and quartiles per head (and layer mean); the contrast's
+    means, Mann–Whitney U p and Benjamini–Hochberg q per head; the drill-down's ranked examples."""
+    import scipy.stats as sps
+    from test_page_export import download, rows
+
+    common = {f"{ids.DATASET_FILTERED}.data": [5, 1, 3, 2, 6], f"{ids.DATASET_STAT}.value": "m",
+              f"{ids.DATASET_LAYER}.value": 1, f"{ids.DATASET_HEAD}.value": 2}
+    data = download(page, f"{ids.EXPORT_DATASET_TABLE}.n_clicks", {f"{ids.EXPORT_DATASET_TABLE}.n_clicks": 1, **common})
+    table = rows(data["content"])
+    assert data["filename"] == "vl-interpret-examples.csv" and [int(r["id"]) for r in table] == [5, 1, 3, 2, 6]
+    value_title = [k for k in table[0] if k.startswith("m,")][0]
+    assert value_title == "m, layer 2, head 3"
+    assert [float(r[value_title]) for r in table] == [15.0, 11.0, 13.0, 2.0, 6.0]  # 10 + id for odd ids
+    assert [r["correct"] for r in table] == ["correct", "correct", "correct", "incorrect", "unknown"]
+    assert float(table[0]["score"]) == pytest.approx(5 / 30, abs=1e-12)  # in full, not rounded as shown
+
+    metric = {i: np.full((N_LAYERS, N_HEADS), float(i)) for i in range(24)}
+    for i in range(1, 24, 2):
+        metric[i][1, 2] = 10.0 + i
+    filtered = [5, 1, 3, 2, 6]
+    data = download(page, f"{ids.EXPORT_DATASET_VIEW}.n_clicks",
+                    {f"{ids.EXPORT_DATASET_VIEW}.n_clicks": 1, f"{ids.DATASET_VIEW}.value": "mean", **common})
+    grid = rows(data["content"])
+    assert data["filename"] == "vl-interpret-dataset-mean.csv" and len(grid) == N_LAYERS * (N_HEADS + 1)
+    x = np.stack([metric[i] for i in filtered])
+    x = np.concatenate([x, x.mean(axis=2, keepdims=True)], axis=2)  # the layer mean as a last head
+    for row in grid:
+        layer, head = int(row["layer"]) - 1, (N_HEADS if row["head"] == "mean" else int(row["head"]) - 1)
+        column = x[:, layer, head]
+        assert float(row["mean"]) == pytest.approx(column.mean())
+        assert float(row["std"]) == pytest.approx(column.std(ddof=1))
+        assert float(row["q1"]) == pytest.approx(np.percentile(column, 25)) and int(row["n"]) == 5
+
+    everyone = list(range(24))
+    data = download(page, f"{ids.EXPORT_DATASET_VIEW}.n_clicks",
+                    {f"{ids.EXPORT_DATASET_VIEW}.n_clicks": 1, f"{ids.DATASET_VIEW}.value": "contrast",
+                     f"{ids.DATASET_CONTRAST}.value": "correct", **common, f"{ids.DATASET_FILTERED}.data": everyone})
+    grid = rows(data["content"])
+    correct, incorrect = [i for i in everyone if i % 2], [i for i in everyone if i % 2 == 0 and i != 6]
+    p = np.array([[sps.mannwhitneyu([metric[i][l, h] for i in correct], [metric[i][l, h] for i in incorrect]).pvalue
+                   for h in range(N_HEADS)] for l in range(N_LAYERS)])
+    order = np.argsort(p, axis=None)  # Benjamini–Hochberg by hand: p * m / rank, monotone from the top
+    q_sorted = np.minimum.accumulate((p.ravel()[order] * p.size / np.arange(1, p.size + 1))[::-1])[::-1]
+    q = np.empty(p.size)
+    q[order] = np.minimum(q_sorted, 1)
+    q = q.reshape(p.shape)
+    assert len(grid) == N_LAYERS * N_HEADS
+    for row in grid:
+        layer, head = int(row["layer"]) - 1, int(row["head"]) - 1
+        assert float(row["mean correct"]) == pytest.approx(np.mean([metric[i][layer, head] for i in correct]))
+        assert float(row["difference"]) == pytest.approx(
+            np.mean([metric[i][layer, head] for i in correct]) - np.mean([metric[i][layer, head] for i in incorrect]))
+        assert float(row["p"]) == pytest.approx(p[layer, head]) and float(row["q"]) == pytest.approx(q[layer, head])
+        assert row["significant"] == ("yes" if (layer, head) == (1, 2) else "no")
+
+    no_focus = {f"{ids.EXPORT_DATASET_RANKED}.n_clicks": 1, **common, f"{ids.DATASET_FOCUS}.data": None}
+    assert page.post_to([d for d in page.deps if f"{ids.DOWNLOAD}.data" in d["output"] and any(
+        x["id"] == ids.EXPORT_DATASET_RANKED for x in d["inputs"])][0], f"{ids.EXPORT_DATASET_RANKED}.n_clicks",
+        no_focus)[0] == NO_UPDATE  # nothing ranked yet
+    data = download(page, f"{ids.EXPORT_DATASET_RANKED}.n_clicks",
+                    {**no_focus, f"{ids.DATASET_FOCUS}.data": {"layer": 1, "head": 2, "ranked": []},
+                     f"{ids.DATASET_FILTERED}.data": everyone})
+    ranked = rows(data["content"])
+    assert [(r["group"], int(r["example"])) for r in ranked] == \
+        [("highest", i) for i in (23, 21, 19, 17, 15)] + [("lowest", i) for i in (0, 2, 4, 6, 8)]
+    assert float(ranked[0]["value"]) == 33.0 and ranked[0]["text"] == db.example(23).text
+
+
+@pytest.mark.parametrize("values", [{f"{ids.DATASET_FILTERED}.data": [1, 99]},
+                                    {f"{ids.DATASET_STAT}.value": "nope"},
+                                    {f"{ids.DATASET_VIEW}.value": "pie"},
+                                    {f"{ids.DATASET_FOCUS}.data": {"layer": 9, "head": 0}}])
+def test_crafted_download_values_are_refused(page, values):
+    dep = [d for d in page.deps if f"{ids.DOWNLOAD}.data" in d["output"]
+           and any(x["id"] == ids.EXPORT_DATASET_VIEW for x in d["inputs"])][0]
+    trigger = ids.EXPORT_DATASET_RANKED if ids.DATASET_FOCUS in next(iter(values)) else ids.EXPORT_DATASET_VIEW
+    status, _ = page.post_to(dep, f"{trigger}.n_clicks", {f"{trigger}.n_clicks": 1, f"{ids.DATASET_STAT}.value": "m",
+                                                          f"{ids.DATASET_FILTERED}.data": [1, 2], **values})
+    assert status == NO_UPDATE

@@ -304,12 +304,15 @@ def _cell(value):
     return value
 
 
-def table_rows(index: DatasetIndex, column_values: np.ndarray, positions: np.ndarray) -> list[dict]:
-    """The table's rows ({"id": ex_id, column: value, ...}) of these examples, in this order."""
+def table_rows(index: DatasetIndex, column_values: np.ndarray, positions: np.ndarray,
+               rounded: bool = True) -> list[dict]:
+    """The table's rows ({"id": ex_id, column: value, ...}) of these examples, in this order; numbers as
+    the table shows them, or in full (``rounded`` False: for a download)."""
+    cell = _cell if rounded else float
     return [{"id": int(index.ex_ids[p]), "text": index.texts[p], "answer": index.answers[p],
              "label": index.labels[p], "correct": CORRECTNESS[int(index.correct[p])],
-             "score": _cell(index.scores[p]), "n_tokens": int(index.n_tokens[p]),
-             "value": _cell(column_values[p])} for p in positions]
+             "score": cell(index.scores[p]), "n_tokens": int(index.n_tokens[p]),
+             "value": cell(column_values[p])} for p in positions]
 
 
 # ----------------------------------------------------------------------------- per-head aggregates

@@ -13,7 +13,7 @@ import numpy as np
 from dash import ALL, Input, Output, Patch, State, ctx as dctx, dash_table, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
-from app import figures, ids
+from app import export, figures, ids
 from app.database import dataset as ds
 from app.panels.common import as_index, example_info, first_point, head_label, head_selection, panel
 from app.panels.heads import statistic_label, statistic_options
@@ -68,20 +68,47 @@ def table_columns(column: ds.Column) -> list[dict]:
             for c, _ in ds.TABLE_COLUMNS]
 
 
+def view_numbers(index: ds.DatasetIndex, filtered: list, stat: str, view: str, contrast: str) -> tuple:
+    """What the dataset heatmap shows, computed once for the figure and for its CSV: ("mean", the
+    HeadSpread, the number of examples) or ("contrast", the HeadContrast, positions A, positions B,
+    label A, label B)."""
+    positions = index.positions(filtered)
+    if view == "mean":
+        return "mean", ds.head_spread(index, stat, positions), len(positions)
+    pos_a, pos_b, label_a, label_b = contrast_groups(index, positions, contrast)
+    return "contrast", ds.head_contrast(index, stat, pos_a, pos_b, alpha=ALPHA), pos_a, pos_b, label_a, label_b
+
+
+def view_csv(index: ds.DatasetIndex, filtered: list, stat: str, view: str, contrast: str, n_heads: int) -> str:
+    """The dataset heatmap's numbers, one row per layer and head (and layer mean, for the mean view)."""
+    kind, result, *rest = view_numbers(index, filtered, stat, view, contrast)
+    name = statistic_label(stat)
+    if kind == "mean":
+        return export.head_grid_csv(f"{name} over {rest[0]} filtered examples: mean, sample std, quartiles, n",
+                                    {"mean": result.mean, "std": result.std, "q1": result.q1,
+                                     "median": result.median, "q3": result.q3, "n": result.n}, n_heads)
+    pos_a, pos_b, label_a, label_b = rest
+    return export.head_grid_csv(
+        f"{name}: {label_a} ({len(pos_a)} examples) - {label_b} ({len(pos_b)}); two-sided Mann-Whitney U p, "
+        f"Benjamini-Hochberg q, significant at q <= {result.alpha}",
+        {f"mean {label_a}": result.mean_a, f"mean {label_b}": result.mean_b, "difference": result.diff,
+         f"n {label_a}": result.n_a, f"n {label_b}": result.n_b, "p": result.p, "q": result.q,
+         "significant": result.significant}, n_heads)
+
+
 def dataset_view(index: ds.DatasetIndex, filtered: list, stat: str, view: str, contrast: str,
                  focus: Optional[dict]) -> tuple:
     """The heatmap (mean over the filtered examples, or the contrast) and its help line."""
-    positions = index.positions(filtered)
     name = statistic_label(stat)
-    if view == "mean":
-        spread = ds.head_spread(index, stat, positions)
+    kind, result, *rest = view_numbers(index, filtered, stat, view, contrast)
+    if kind == "mean":
+        spread = result
         selected = (focus["layer"], focus["head"]) if focus else None
         fig = figures.dataset_heads_figure(spread.mean, spread.std, spread.q1, spread.median, spread.q3, spread.n,
                                            name, selected=selected)
-        return fig, (f"Mean of {name} over the {len(positions)} filtered examples (hover: std, quartiles, n); "
+        return fig, (f"Mean of {name} over the {rest[0]} filtered examples (hover: std, quartiles, n); "
                      f"click a head or a layer mean to rank the examples by it.")
-    pos_a, pos_b, label_a, label_b = contrast_groups(index, positions, contrast)
-    result = ds.head_contrast(index, stat, pos_a, pos_b, alpha=ALPHA)
+    pos_a, pos_b, label_a, label_b = rest
     selected = (focus["layer"], focus["head"]) if focus and focus["head"] is not None else None
     fig = figures.contrast_figure(result.diff, result.mean_a, result.mean_b, result.n_a, result.n_b, result.p,
                                   result.q, result.significant, name, label_a, label_b, selected=selected)
@@ -103,16 +130,32 @@ def contrast_groups(index: ds.DatasetIndex, positions: np.ndarray, contrast: str
     return positions, rest, "filtered", "others"
 
 
+def ranked_groups(index: ds.DatasetIndex, filtered: list, column: ds.Column) -> list:
+    """[("highest", [(ex_id, value, text), ...]), ("lowest", ...)]: the drill-down's examples."""
+    high, low = ds.ranked_examples(index, index.column(column), index.positions(filtered), RANKED)
+    return [(title, [(ex_id, value, index.texts[int(index.positions([ex_id])[0])]) for ex_id, value in items])
+            for title, items in (("highest", high), ("lowest", low))]
+
+
+def ranked_csv(index: ds.DatasetIndex, filtered: list, column: ds.Column) -> str:
+    return export.ranked_csv(f"the filtered examples ranked by {statistic_label(column.stat)}, "
+                             f"{head_label(_head(column))}", ranked_groups(index, filtered, column))
+
+
+def examples_csv(index: ds.DatasetIndex, filtered: list, column: ds.Column) -> str:
+    """The filtered examples in the table's order, every column, numbers in full."""
+    rows = ds.table_rows(index, index.column(column), index.positions(filtered), rounded=False)
+    return export.examples_csv(f"{len(rows)} of {len(index)} examples, filtered and sorted as in the table",
+                               [(c["id"], c["name"]) for c in table_columns(column)], rows)
+
+
 def ranked_children(index: ds.DatasetIndex, filtered: list, column: ds.Column) -> tuple[list, list]:
     """The drill-down list (the highest and lowest examples of the head, each a button) and the ids of
     its buttons in order (a button's index is its position in that list)."""
-    values = index.column(column)
-    high, low = ds.ranked_examples(index, values, index.positions(filtered), RANKED)
     ranked, groups = [], []
-    for title, items in (("highest", high), ("lowest", low)):
+    for title, items in ranked_groups(index, filtered, column):
         buttons = []
-        for ex_id, value in items:
-            text = index.texts[int(index.positions([ex_id])[0])]
+        for ex_id, value, text in items:
             short = text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS - 1] + "…"
             buttons.append(html.Button([html.B(f"{value:.4g}"), f" · example {ex_id} · ", html.Span(short)],
                                        id={"type": ids.DATASET_OPEN, "index": len(ranked)}, className="ranked-item",
@@ -186,6 +229,8 @@ def layout(ctx, drawn: bool = True):
         html.Button("▶", id=ids.DATASET_NEXT, title="next of the filtered examples", className="nav-btn"),
         html.Span("step within the filtered examples ·", className="muted"),
         html.Span(table["status"], id=ids.DATASET_STATUS, className="dataset-status"),
+        html.Button("CSV", id=ids.EXPORT_DATASET_TABLE, className="export-btn",
+                    title="download the filtered examples, every column, in the table's order, as CSV"),
     ], className="controls")
     grid = dash_table.DataTable(
         id=ids.DATASET_TABLE, columns=table_columns(column) if column else [], data=table["rows"],
@@ -206,7 +251,12 @@ def layout(ctx, drawn: bool = True):
     right = html.Div([
         html.Div([dcc.RadioItems(id=ids.DATASET_VIEW, options=VIEW_OPTIONS, value="mean", inline=True),
                   dcc.Dropdown(id=ids.DATASET_CONTRAST, options=CONTRAST_OPTIONS, value="correct", clearable=False,
-                               searchable=False, className="dataset-contrast")], className="controls"),
+                               searchable=False, className="dataset-contrast"),
+                  html.Button("CSV", id=ids.EXPORT_DATASET_VIEW, className="export-btn",
+                              title="download the heatmap's numbers, every layer and head, as CSV"),
+                  html.Button("CSV of the ranked", id=ids.EXPORT_DATASET_RANKED, className="export-btn",
+                              title="download the examples ranked by the clicked head, as CSV")],
+                 className="controls"),
         html.P(help_text, id=ids.DATASET_GRAPH_HELP, className="help"),
         dcc.Graph(id=ids.DATASET_GRAPH, config={"displayModeBar": False}, className="dataset-graph",
                   style={"height": f"min(calc({max(n_layers, 1)} * var(--head-row) + 48px), 420px)"},
@@ -327,6 +377,32 @@ def register_callbacks(app, ctx):
 
     def _focus(value) -> Optional[dict]:
         return None if value is None else head_selection(db, value)
+
+    @app.callback(Output(ids.DOWNLOAD, "data", allow_duplicate=True),
+                  Input(ids.EXPORT_DATASET_TABLE, "n_clicks"), Input(ids.EXPORT_DATASET_VIEW, "n_clicks"),
+                  Input(ids.EXPORT_DATASET_RANKED, "n_clicks"), State(ids.DATASET_FILTERED, "data"),
+                  State(ids.DATASET_STAT, "value"), State(ids.DATASET_LAYER, "value"), State(ids.DATASET_HEAD, "value"),
+                  State(ids.DATASET_VIEW, "value"), State(ids.DATASET_CONTRAST, "value"),
+                  State(ids.DATASET_FOCUS, "data"), prevent_initial_call=True)
+    def download(_table, _view, _ranked, filtered, stat, layer, head, view, contrast, focus):
+        """The data behind the table, the heatmap or the drill-down, as the page shows them now."""
+        trigger = dctx.triggered_id
+        if not dctx.triggered or not dctx.triggered[0].get("value"):
+            raise PreventUpdate
+        index = cache.get()
+        filtered = _filtered(index, filtered)
+        if trigger == ids.EXPORT_DATASET_TABLE:
+            return dcc.send_string(examples_csv(index, filtered, _column(db, stat, layer, head)),
+                                   "vl-interpret-examples.csv")
+        if trigger == ids.EXPORT_DATASET_VIEW:
+            view = _one_of(view, VIEW_OPTIONS)
+            return dcc.send_string(view_csv(index, filtered, _stat(db, stat), view, _one_of(contrast, CONTRAST_OPTIONS),
+                                            db.n_heads), f"vl-interpret-dataset-{view}.csv")
+        if focus is None:
+            raise PreventUpdate  # no head clicked yet: nothing is ranked
+        focus = head_selection(db, focus)
+        return dcc.send_string(ranked_csv(index, filtered, ds.Column(_stat(db, stat), focus["layer"], focus["head"])),
+                               "vl-interpret-ranked-examples.csv")
 
     @app.callback(Output(ids.DATASET_RANKED, "children"), Output(ids.DATASET_FOCUS, "data"),
                   Output(ids.DATASET_GRAPH, "figure", allow_duplicate=True),
