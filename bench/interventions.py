@@ -68,7 +68,7 @@ def measure(name: str, reps: int) -> None:
                 run(runs, clean, corrupted)
                 times.append(time.perf_counter() - start)
             times.sort()
-            print(f"  {label:28s} {times[len(times) // 2]:7.2f} {times[-1]:7.2f}")
+            print(f"  {label:28s} {times[len(times) // 2]:8.3f} {times[-1]:8.3f}")
 
 
 def measure_vilt_base(reps: int) -> None:
@@ -118,7 +118,7 @@ def measure_vilt_base(reps: int) -> None:
             run()
             times.append(time.perf_counter() - start)
         times.sort()
-        print(f"  {label:28s} {times[len(times) // 2]:7.2f} {times[-1]:7.2f}")
+        print(f"  {label:28s} {times[len(times) // 2]:8.3f} {times[-1]:8.3f}")
 
 
 def main(argv=None) -> None:

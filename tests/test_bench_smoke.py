@@ -51,3 +51,17 @@ def test_dataset_views_are_timed_over_a_database_of_12_by_12_heads(tmp_path):
     costs = view_costs(build_views_db(str(tmp_path / "db"), 6), repeat=2)  # what bench/scale.py prints
     assert (costs["examples"], costs["layers"], costs["heads"]) == (6, 12, 12)
     assert list(costs["views"]) == list(VIEWS) and all(p95 >= p50 > 0 for p50, p95 in costs["views"].values())
+
+
+def test_interventions_bench_times_every_run_on_both_bundled_models():
+    out = subprocess.run([sys.executable, "bench/interventions.py", "--reps", "1"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sys.path.insert(0, ROOT)
+    from bench.interventions import RUNS  # noqa: PLC0415
+
+    for model in ("-m vilt (shapes_vqa/vilt-shapes): 4 layers x 4 heads", "-m hf (shapes_vqa/llava-shapes)"):
+        section = out.stdout.split(model, 1)[1].split("\n-m ", 1)[0]
+        timed = [line.split() for line in section.splitlines()[1:] if line.strip()]
+        assert [" ".join(words[:-2]) for words in timed] == list(RUNS), section
+        assert all(float(words[-1]) >= float(words[-2]) >= 0 for words in timed), section
