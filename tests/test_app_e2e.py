@@ -45,6 +45,20 @@ def click_graph_point(dash_duo, graph_id, x, y):
     ab.perform()
 
 
+def wait_for_steady_plot(dash_duo, graph_id, timeout=10):
+    """Until the plot area's place on the screen is the same in two reads 0.3 s apart."""
+    where = "const r = gd.querySelector('.nsewdrag').getBoundingClientRect(); return [r.left, r.top, r.width, r.height];"
+    end = time.time() + timeout
+    last = None
+    while time.time() < end:
+        now = graph_js(dash_duo, graph_id, where)
+        if now is not None and now == last:
+            return
+        last = now
+        time.sleep(0.3)
+    raise AssertionError(f"{graph_id} kept moving")
+
+
 def close(z, expected):
     return z is not None and z.shape == expected.shape and bool(np.allclose(z, expected, rtol=1e-5))
 

@@ -10,7 +10,7 @@ from app import ids
 from app.database.database import VliLmdb
 from app.server import create_app
 from conftest import browser_available
-from test_app_e2e import click_graph_point, graph_js, wait_until
+from test_app_e2e import click_graph_point, graph_js, wait_for_steady_plot, wait_until
 from test_page_interventions import patches_of, records, vilt  # noqa: F401 - the fixtures
 
 pytestmark = pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver")
@@ -41,6 +41,7 @@ def test_ablate_each_head_and_open_the_one_that_matters(dash_duo, tmp_path, vilt
         layer, head = np.unravel_index(int(np.argmin(expected)), expected.shape)  # the head the answer needs most
         graph = dash_duo.find_element("#" + ids.IV_SWEEP_GRAPH)
         dash_duo.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", graph)
+        wait_for_steady_plot(dash_duo, ids.IV_SWEEP_GRAPH)  # shown just now: plotly resizes it to its box
         click_graph_point(dash_duo, ids.IV_SWEEP_GRAPH, int(head), int(layer))
         dash_duo.wait_for_contains_text("#" + ids.HEAD_TITLE, f"layer {layer + 1}, head {head + 1}", timeout=10)
         outline = graph_js(dash_duo, ids.HEAD_GRAPH, "return gd.layout.shapes && gd.layout.shapes.length;")
