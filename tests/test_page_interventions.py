@@ -74,6 +74,14 @@ def test_the_panel_needs_a_model_that_reruns_examples(tmp_path, vilt):
     assert not interventions.available(Context())
 
 
+def test_each_intervention_is_defined_in_the_page(page):
+    """The panel says what each intervention changes and what its cells are, under its heading."""
+    shown = texts(page.client.get("/_dash-layout").json)
+    assert "A zeroed head's output (its context, at the input of the attention output projection) is 0" in shown
+    assert "A removed patch is masked out of the attention of every layer" in shown
+    assert "per layer and head: that head's output, at every position" in shown
+
+
 def test_ablation_shows_the_answers_before_and_after(page, vilt, records):
     record = records[0]
     status, response = page.post(f"{ids.IV_ABLATION}.children", f"{ids.IV_ABLATE}.n_clicks", {

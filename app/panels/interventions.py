@@ -129,6 +129,10 @@ def layout(ctx):
         "Interventions", "Re-run the model on this example, changed: see what the other views' heads and patches "
         "do for the answer. The model runs when you press a button (a few seconds on a CPU for a large model).",
         html.H3("Head ablation", className="iv-section"),
+        html.P("A zeroed head's output (its context, at the input of the attention output projection) is 0 in every "
+               "position; the rest of the model is unchanged. Ablate each head does this for every head alone: each "
+               "cell is the re-run answer's score without that head minus its score with every head (blue: the "
+               "answer needs the head). Evidence that a head is needed, not of what it does.", className="help"),
         html.Div([
             dcc.Checklist(id=ids.IV_USE_SELECTED, options=[{"label": " the head summary's selection",
                                                             "value": USE_SELECTED}],
@@ -144,6 +148,9 @@ def layout(ctx):
         dcc.Graph(id=ids.IV_SWEEP_GRAPH, className="iv-graph", **graph),
         html.Div(id=ids.IV_SWEEP_TEXT, className="iv-result"),
         html.H3("Patch deletion", className="iv-section"),
+        html.P("A removed patch is masked out of the attention of every layer: no token reads it. The deletion curve "
+               "removes 0 %, 10 %, … 90 % of the patches, most relevant first by the attention panel's method; a "
+               "faithful map makes the answer's score fall at once (a small area under the curve).", className="help"),
         html.Div([
             html.Button("Deletion curve", id=ids.IV_DELETION, className="btn",
                         title="the answer's score as patches are removed, most relevant first by the attention "
@@ -155,6 +162,11 @@ def layout(ctx):
         dcc.Loading([dcc.Graph(id=ids.IV_DELETION_GRAPH, className="iv-graph", **graph),
                      html.Div(id=ids.IV_MASKING, className="iv-result")], **loading),
         html.H3("Activation patching", className="iv-section"),
+        html.P("This example is the clean run, the one picked the corrupted run (same token layout). Per layer and "
+               "position: that layer's output at those positions is taken from the clean run; per layer and head: "
+               "that head's output, at every position. Each cell is the clean answer's logit then minus its logit "
+               "in the corrupted run (hover: the share of the clean run's margin recovered): where the difference "
+               "between the two inputs is carried.", className="help"),
         html.Div([
             dcc.Dropdown(id=ids.IV_CORRUPTED, options=corrupted_options(db), clearable=False,
                          placeholder="corrupted example…", className="iv-corrupted"),
