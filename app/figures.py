@@ -661,7 +661,7 @@ def head_ablation_sweep_figure(scores: np.ndarray, answers: Sequence[Sequence[st
         raise ValueError(f"scores and answers: expected (n_layers, n_heads) of both, got {s.shape} and "
                          f"{[len(row) for row in answers]}")
     change = s - np.float32(score)
-    text = [[f"layer {l + 1}, head {h + 1} zeroed: '{answer}' {score:.3f} → {s[l, h]:.3f} ({change[l, h]:+.3f})"
+    text = [[f"layer {l + 1}, head {h + 1} zeroed: '{answer}' {score:.3f} → {s[l, h]:.3f} ({change[l, h]:+.3g})"
              + ("" if answers[l][h] == answer else f"; the answer becomes '{answers[l][h]}'")
              for h in range(s.shape[1])] for l in range(s.shape[0])]
     return _head_grid(change, text, f"Score of '{answer}' with one head zeroed, minus the re-run's", "Δ score")

@@ -397,7 +397,7 @@ def test_head_figures_are_laid_out_as_the_head_summary():
     trace = fig.data[0]
     assert np.allclose(decode(trace.z), scores - 0.625) and (trace.zmin, trace.zmax) == (-0.625, 0.625)
     assert trace.text[0][2] == "layer 1, head 3 zeroed: 'red' 0.625 → 0.250 (-0.375); the answer becomes 'blue'"
-    assert trace.text[1][0] == "layer 2, head 1 zeroed: 'red' 0.625 → 0.625 (+0.000)"
+    assert trace.text[1][0] == "layer 2, head 1 zeroed: 'red' 0.625 → 0.625 (+0)"
     assert fig.layout.yaxis.autorange == "reversed" and list(fig.layout.xaxis.ticktext) == ["1", "2", "3"]
     difference = np.array([[0.5, -1.0, 0.0], [2.0, 0.0, 0.25]], dtype=np.float32)
     trace = figures.head_patching_figure(difference, difference / 2.0, "red").data[0]
