@@ -34,14 +34,19 @@ def overlay_z(dash_duo):
     return None if z is None else np.array(z, dtype=float)
 
 
-def click_graph_point(dash_duo, graph_id, x, y):
-    """A real mouse click at data coordinates (x, y) of a Plotly graph."""
+def click_graph_point(dash_duo, graph_id, x, y, hover_s: float = 0.0):
+    """A real mouse click at data coordinates (x, y) of a Plotly graph; with ``hover_s``, the mouse moves
+    onto the point and rests there that long first (WebGL traces pick the hovered point a frame later)."""
     px, py = graph_js(dash_duo, graph_id,
                       "const r = gd.querySelector('.nsewdrag').getBoundingClientRect();"
                       "const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;"
                       f"return [r.left + xa.l2p({x}), r.top + ya.l2p({y})];")
     ab = ActionBuilder(dash_duo.driver)
-    ab.pointer_action.move_to_location(px, py).click()
+    if hover_s:
+        ab.pointer_action.move_to_location(px - 3, py).move_to_location(px, py).pause(hover_s)
+    else:
+        ab.pointer_action.move_to_location(px, py)
+    ab.pointer_action.click()
     ab.perform()
 
 

@@ -5,26 +5,14 @@ import re
 
 import pytest
 from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
 from app import ids
 from app.server import create_app
 from conftest import browser_available
-from test_app_e2e import graph_js, wait_for_steady_plot, wait_until
+from test_app_e2e import click_graph_point, graph_js, wait_for_steady_plot, wait_until
 from test_token_map import db  # noqa: F401 - 12 examples of 16 tokens: text and image tokens apart
 
 pytestmark = pytest.mark.skipif(not browser_available(), reason="needs /usr/bin/chromium and chromedriver")
-
-
-def hover_then_click(dash_duo, graph_id, x, y):
-    """Move the mouse onto data point (x, y), wait for WebGL's hover to find it, then click."""
-    px, py = graph_js(dash_duo, graph_id,
-                      "const r = gd.querySelector('.nsewdrag').getBoundingClientRect();"
-                      "const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;"
-                      f"return [r.left + xa.l2p({x}), r.top + ya.l2p({y})];")
-    actions = ActionBuilder(dash_duo.driver)
-    actions.pointer_action.move_to_location(px - 3, py).move_to_location(px, py).pause(0.5).click()
-    actions.perform()
 
 
 def test_show_the_map_and_open_a_clicked_word(dash_duo, db):  # noqa: F811 - the fixture
@@ -60,7 +48,7 @@ def test_show_the_map_and_open_a_clicked_word(dash_duo, db):  # noqa: F811 - the
     dash_duo.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", graph)
     wait_for_steady_plot(dash_duo, ids.TOKEN_MAP_GRAPH)
     for attempt in range(3):  # WebGL picks the point under the mouse a frame after it moves there
-        hover_then_click(dash_duo, ids.TOKEN_MAP_GRAPH, x, y)
+        click_graph_point(dash_duo, ids.TOKEN_MAP_GRAPH, x, y, hover_s=0.5)
         try:
             dash_duo.wait_for_contains_text("#" + ids.EXAMPLE_SELECT, f"Example {ex_id}", timeout=5)
             break
